@@ -1,0 +1,20 @@
+"""Errors caused by what the user gave us; the CLI prints these as one line instead of a traceback."""
+
+
+class UserError(Exception):
+    """Base class: a problem with the user's input, with a message that says what to do."""
+
+
+class InputError(UserError, ValueError):
+    """An input tensor or image the model cannot take (wrong size, channels, ...)."""
+
+
+class UnknownModelError(UserError, KeyError):
+    """A model name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is missing, unreadable, or made for another model."""

@@ -1,0 +1,297 @@
+"""Checkpoint formats: read, detect, convert and load the authors', timm's and seqvision's weights.
+
+Three layouts of the same tensors (see shared/reference/sequencer.md, Sec. 3):
+
+- ``authors``: ``blocks.{stage}.{block}.*``, the downsampler at the END of a stage as
+  ``blocks.{s}.{depth_s}.down.*``, classifier ``head.*`` (github.com/okojoalg/sequencer, .pth).
+- ``timm``: ``stages.{s}.blocks.{b}.*``, the downsampler at the START of the next stage as
+  ``stages.{s+1}.downsample.down.*``, classifier ``head.fc.*`` (.safetensors or .pth).
+- ``seqvision``: timm's key layout in a .safetensors file whose metadata names the variant.
+
+seqvision models use timm's key layout natively, so only the authors' layout needs renaming.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import urllib.error
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .errors import CheckpointError
+
+FORMATS = ("seqvision", "timm", "authors")
+HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
+_WRAPPER_KEYS = ("state_dict", "model", "module")
+_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+# -- reading -----------------------------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a state dict (and safetensors metadata) from .safetensors or .pth/.pt/.bin.
+
+    Training checkpoints that wrap the weights under ``model`` / ``state_dict`` are unwrapped, and
+    ``module.`` / ``_orig_mod.`` prefixes are removed. Everything is loaded with ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the file was not written completely")
+    metadata: dict[str, str] = {}
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+            obj: object = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            reason = _first_line(e)
+            raise CheckpointError(f"cannot read {path}: truncated or corrupt safetensors file ({reason})") from None
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+            raise CheckpointError(f"cannot read {path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+        except Exception as e:  # pickle.UnpicklingError and friends from weights_only loading
+            raise CheckpointError(f"cannot read {path} safely with weights_only=True ({_first_line(e)})") from None
+    return unwrap_state_dict(obj, str(path)), metadata
+
+
+def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The tensor dict inside a checkpoint object, without DDP / torch.compile prefixes."""
+    for _ in range(3):  # e.g. {"model": {"state_dict": ...}}
+        if isinstance(obj, Mapping):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if inner is not None and not any(isinstance(v, Tensor) for v in obj.values()):
+                obj = inner
+                continue
+        break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{source} holds no state dict (found {type(obj).__name__})")
+    sd = {}
+    for k, v in obj.items():
+        if not isinstance(v, Tensor):
+            continue
+        for prefix in _PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        sd[k] = v
+    if not sd:
+        raise CheckpointError(f"{source} holds no tensors")
+    return sd
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+# -- formats and conversion --------------------------------------------------------------------------
+def detect_format(sd: Mapping[str, Tensor]) -> str:
+    """``"authors"`` or ``"timm"`` (seqvision's native layout is timm's), from the key layout."""
+    if any(k.startswith("stages.") for k in sd):
+        return "timm"
+    if any(k.startswith("blocks.") for k in sd):
+        return "authors"
+    sample = ", ".join(list(sd)[:3])
+    raise CheckpointError(f"not a Sequencer checkpoint: expected keys 'stages.*' or 'blocks.*', found {sample}, ...")
+
+
+def authors_to_timm(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename the authors' keys to timm's layout (the downsampler moves to the next stage)."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^blocks\.(\d+)\.\d+\.down\.", lambda m: f"stages.{int(m.group(1)) + 1}.downsample.down.", k)
+        k = re.sub(r"^blocks\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", k)
+        k = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", k)
+        out[k] = v
+    return out
+
+
+def timm_to_authors(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename timm-layout keys to the authors' (the downsampler closes the previous stage)."""
+    depths: dict[int, int] = {}
+    for k in sd:
+        m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.", k)
+        if m:
+            s, b = int(m.group(1)), int(m.group(2))
+            depths[s] = max(depths.get(s, 0), b + 1)
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"^stages\.(\d+)\.downsample\.down\.(.*)$", k)
+        if m:
+            prev = int(m.group(1)) - 1
+            k = f"blocks.{prev}.{depths.get(prev, 0)}.down.{m.group(2)}"
+        k = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"blocks.\1.\2.", k)
+        k = re.sub(r"^head\.fc\.", "head.", k)
+        out[k] = v
+    return out
+
+
+def convert_state_dict(sd: Mapping[str, Tensor], to: str) -> dict[str, Tensor]:
+    """Convert a state dict of either layout to ``to`` ("seqvision", "timm" or "authors")."""
+    if to not in FORMATS:
+        raise CheckpointError(f"unknown format {to!r}; choose one of {', '.join(FORMATS)}")
+    native = authors_to_timm(sd) if detect_format(sd) == "authors" else dict(sd)
+    return timm_to_authors(native) if to == "authors" else native
+
+
+# -- loading into a model ----------------------------------------------------------------------------
+def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor], strict: bool = True) -> dict:
+    """Load a checkpoint of any supported format into a seqvision model.
+
+    A classifier of another size is skipped and the model keeps its fresh head (with a warning), as
+    timm does for ``num_classes`` != the checkpoint's. Anything else that does not fit raises a
+    ``CheckpointError`` naming the missing / unexpected keys and shape mismatches.
+    Returns ``{"format", "head_reset", "missing", "unexpected"}``.
+    """
+    if isinstance(source, Mapping):
+        sd, name = unwrap_state_dict(source), "state dict"
+    else:
+        sd, _ = read_checkpoint(source)
+        name = str(source)
+    fmt = detect_format(sd)
+    sd = authors_to_timm(sd) if fmt == "authors" else sd
+    own = model.state_dict()
+
+    head_reset = False
+    file_head = sd.get("head.fc.weight")
+    model_head = own.get("head.fc.weight")
+    if file_head is not None and (model_head is None or model_head.shape != file_head.shape):
+        sd = {k: v for k, v in sd.items() if k not in HEAD_KEYS}
+        head_reset = True
+        classes = model_head.shape[0] if model_head is not None else 0
+        warnings.warn(
+            f"{name} has a {file_head.shape[0]}-class head and the model {classes} classes: "
+            "the classifier was re-initialised, all other weights loaded",
+            stacklevel=2,
+        )
+
+    missing = [k for k in own if k not in sd and not (head_reset and k in HEAD_KEYS)]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if strict and (missing or unexpected or shapes):
+        raise CheckpointError(_mismatch_message(model, name, sd, own, missing, unexpected, shapes))
+    model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in shapes}, strict=False)
+    return {"format": fmt, "head_reset": head_reset, "missing": missing, "unexpected": unexpected}
+
+
+def _mismatch_message(model, name, sd, own, missing, unexpected, shapes) -> str:
+    variant = getattr(model, "variant", type(model).__name__)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        file_shape, model_shape = tuple(sd[k].shape), tuple(own[k].shape)
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: file {file_shape}, model {model_shape})")
+    guess = guess_variant(sd)
+    hint = f"; it looks like a {guess} checkpoint" if guess and guess != variant else ""
+    return f"{name} does not fit {variant}: " + ", ".join(parts) + hint
+
+
+def guess_variant(sd: Mapping[str, Tensor]) -> str | None:
+    """The registered variant whose parameter names and shapes (head aside) match ``sd``, if any."""
+    from .models.sequencer import VARIANTS, Sequencer
+
+    if detect_format(sd) == "authors":
+        sd = authors_to_timm(sd)
+    want = {k: tuple(v.shape) for k, v in sd.items() if k not in HEAD_KEYS}
+    in_chans = sd["stem.proj.weight"].shape[1] if "stem.proj.weight" in sd else 3
+    for name, cfg in VARIANTS.items():
+        if name.endswith("_392"):
+            continue
+        with torch.device("meta"):
+            candidate = Sequencer(**dict(cfg, in_chans=in_chans))
+        have = {k: tuple(v.shape) for k, v in candidate.state_dict().items() if k not in HEAD_KEYS}
+        if have == want:
+            return name
+    return None
+
+
+def load_pretrained(model: nn.Module, name: str) -> dict:
+    """Load the published ImageNet-1K weights for ``name`` (downloaded once into torch's hub cache)."""
+    from .models.sequencer import PRETRAINED_URLS
+
+    url = PRETRAINED_URLS.get(name)
+    if not url:
+        raise CheckpointError(
+            f"no published weights for {name}; train it or pass checkpoint_path= (published: "
+            f"{', '.join(PRETRAINED_URLS)})"
+        )
+    try:
+        obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=False)
+    except (urllib.error.URLError, OSError) as e:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        raise CheckpointError(
+            f"could not download {url} ({_first_line(e)}); download it yourself to {cache} or pass checkpoint_path="
+        ) from None
+    return load_weights(model, unwrap_state_dict(obj, url))
+
+
+# -- saving ------------------------------------------------------------------------------------------
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {_first_line(e)}") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_weights(
+    state: nn.Module | Mapping[str, Tensor],
+    path: str | os.PathLike,
+    fmt: str = "seqvision",
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write weights in ``fmt``: safetensors when ``path`` ends in .safetensors, else a torch .pth.
+
+    The seqvision format is always safetensors and records the variant name in the metadata.
+    """
+    sd = state.state_dict() if isinstance(state, nn.Module) else dict(state)
+    sd = {k: v.detach().cpu().contiguous() for k, v in convert_state_dict(sd, fmt).items()}
+    meta = {"format": "pt", "layout": "authors" if fmt == "authors" else "timm"}
+    if isinstance(state, nn.Module) and hasattr(state, "variant"):
+        meta["seqvision_variant"] = state.variant
+    meta.update(metadata or {})
+    path = Path(path)
+    if fmt == "seqvision" and path.suffix != ".safetensors":
+        raise CheckpointError(f"the seqvision format is safetensors: name the output *.safetensors, not {path.name}")
+    if path.suffix == ".safetensors":
+        return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    return atomic_write(path, lambda tmp: torch.save(sd, tmp))
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = "seqvision") -> dict:
+    """Read ``src`` in any supported format and write it to ``dst`` in format ``to``."""
+    sd, meta = read_checkpoint(src)
+    source_fmt = detect_format(sd)
+    variant = guess_variant(sd)
+    extra = {"seqvision_variant": variant} if variant else {}
+    extra.update({k: v for k, v in meta.items() if k == "seqvision_variant"})
+    save_weights(sd, dst, to, metadata=extra)
+    return {"from": source_fmt, "to": to, "tensors": len(sd), "variant": variant}

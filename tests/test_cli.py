@@ -1,0 +1,76 @@
+"""The command line: help texts, the model table (and the README's copy of it), convert, errors."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import seqvision
+from seqvision.cli import COMMANDS, get_parser, main, models_table
+from seqvision.weights import read_checkpoint, save_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help_with_an_example(command, capsys):
+    parser, _ = get_parser(command)
+    text = parser.format_help()
+    assert parser.description and "example" in text.lower()
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "example" in capsys.readouterr().out.lower()
+
+
+def test_main_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+
+
+def test_readme_model_table_is_current():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- models-table:start -->\n(.*?)\n<!-- models-table:end -->", readme, re.S)
+    assert block, "README lost its model table markers"
+    assert block.group(1).strip() == models_table(flops=True).strip()
+
+
+def test_models_command(capsys):
+    assert main(["models", "sequencer2d_[sm]", "--flops"]) == 0
+    out = capsys.readouterr().out
+    assert "| sequencer2d_s | 27,651,688 | 8.33 | 4.94 |" in out
+    assert "| sequencer2d_m | 38,307,688 | 11.05 | 6.52 |" in out
+    assert main(["models", "nothing*"]) == 2
+
+
+def test_info_command(capsys):
+    assert main(["info", "sequencer2d_l_392"]) == 0
+    out = capsys.readouterr().out
+    assert "54,298,216" in out and "50.49 G with LSTMs" in out and "56x56x192" in out and "crop_pct 1.0" in out
+
+
+def test_unknown_model_is_one_line_error(capsys):
+    assert main(["info", "sequencer3d"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("seqvision info: error: unknown model 'sequencer3d'") and "\n" not in err
+
+
+def test_convert_command(tmp_path, capsys):
+    model = seqvision.create_model("sequencer2d_s", num_classes=10)
+    src = tmp_path / "a.safetensors"
+    save_weights(model, src)
+    assert main(["convert", str(src), str(tmp_path / "b.pth"), "--to", "authors"]) == 0
+    assert "sequencer2d_s" in capsys.readouterr().out
+    sd, _ = read_checkpoint(tmp_path / "b.pth")
+    assert torch.equal(sd["blocks.0.4.down.weight"], model.stages[1].downsample.down.weight)
+    assert main(["convert", str(tmp_path / "nope.pth"), str(tmp_path / "c.pth")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "seqvision", "models"], capture_output=True, text=True, check=True)
+    assert "v_sequencer_s_pe" in out.stdout

@@ -1,0 +1,181 @@
+"""Checkpoint formats: fidelity against timm's model, conversion, and errors for bad files."""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import seqvision
+from seqvision.errors import CheckpointError
+from seqvision.weights import (
+    authors_to_timm,
+    convert_checkpoint,
+    detect_format,
+    guess_variant,
+    load_weights,
+    read_checkpoint,
+    save_weights,
+    timm_to_authors,
+)
+
+TINY = dict(layers=(2, 1, 2, 1), embed_dims=(16, 32, 32, 32), hidden_sizes=(4, 8, 8, 8))
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere (the authors' init leaves the head at zero, which would hide errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def timm_oracle(name: str) -> torch.nn.Module:
+    return randomise(timm.create_model(name), seed=len(name))
+
+
+@pytest.mark.parametrize("name", ["sequencer2d_s", "sequencer2d_m", "sequencer2d_l"])
+def test_logits_match_timm_from_timm_and_authors_checkpoints(name, tmp_path):
+    oracle = timm_oracle(name)
+    timm_file = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in oracle.state_dict().items()}, str(timm_file))
+    authors_file = tmp_path / f"{name}.pth"
+    torch.save({"model": timm_to_authors(oracle.state_dict())}, authors_file)  # wrapped, as some releases are
+    assert detect_format(read_checkpoint(authors_file)[0]) == "authors"
+
+    for ckpt in (timm_file, authors_file):
+        model = seqvision.create_model(name, checkpoint_path=ckpt).eval()
+        for size in [(224, 224), (160, 288)]:
+            x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                expected, got = oracle(x), model(x)
+            assert expected.abs().max() > 0.1  # a non-trivial oracle
+            assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_authors_keys_follow_the_published_layout():
+    with torch.device("meta"):
+        sd = seqvision.create_model("sequencer2d_s").state_dict()
+    authors = timm_to_authors(sd)
+    assert "blocks.0.4.down.weight" in authors and "blocks.1.3.down.weight" in authors
+    assert "blocks.2.8.down.weight" in authors and "head.weight" in authors
+    assert "blocks.0.0.rnn_tokens.rnn_v.weight_hh_l0_reverse" in authors
+    assert "stem.proj.weight" in authors and "norm.weight" in authors
+    assert authors_to_timm(authors).keys() == sd.keys()
+
+
+def test_convert_round_trip_all_formats(tmp_path):
+    model = randomise(seqvision.create_model("sequencer2d_s", **TINY, num_classes=7))
+    src = tmp_path / "native.safetensors"
+    save_weights(model, src)
+    _, meta = read_checkpoint(src)
+    assert meta["seqvision_variant"] == "sequencer2d_s"
+    convert_checkpoint(src, tmp_path / "authors.pth", to="authors")
+    convert_checkpoint(tmp_path / "authors.pth", tmp_path / "timm.safetensors", to="timm")
+    convert_checkpoint(tmp_path / "timm.safetensors", tmp_path / "back.safetensors", to="seqvision")
+    assert detect_format(read_checkpoint(tmp_path / "authors.pth")[0]) == "authors"
+    back, _ = read_checkpoint(tmp_path / "back.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k], v), k
+
+
+def test_guess_variant_recognises_published_shapes():
+    with torch.device("meta"):
+        sd = seqvision.create_model("sequencer2d_m", num_classes=10).state_dict()
+    assert guess_variant(sd) == "sequencer2d_m"
+    assert guess_variant(timm_to_authors(sd)) == "sequencer2d_m"
+
+
+def test_checkpoint_of_another_variant_names_the_problem(tmp_path):
+    path = tmp_path / "m.safetensors"
+    with torch.device("meta"):
+        m = seqvision.create_model("sequencer2d_m")
+    sd = {k: torch.zeros(v.shape) for k, v in m.state_dict().items()}
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError) as err:
+        seqvision.create_model("sequencer2d_s", checkpoint_path=path)
+    msg = str(err.value)
+    assert "does not fit sequencer2d_s" in msg and "unexpected keys" in msg
+    assert "looks like a sequencer2d_m checkpoint" in msg and "\n" not in msg
+
+
+def test_shape_mismatch_is_reported(tmp_path):
+    wide = seqvision.create_model("sequencer2d_s", **dict(TINY, hidden_sizes=(8, 8, 8, 8)))
+    path = tmp_path / "wide.pth"
+    torch.save(wide.state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(e\.g\. stages\.0\.blocks\.0"):
+        seqvision.create_model("sequencer2d_s", **TINY, checkpoint_path=path)
+
+
+def test_other_class_count_reinitialises_head_and_says_so(tmp_path):
+    src = randomise(seqvision.create_model("sequencer2d_s", **TINY, num_classes=1000))
+    path = tmp_path / "in1k.safetensors"
+    save_weights(src, path)
+    with pytest.warns(UserWarning, match="1000-class head and the model 10 classes"):
+        model = seqvision.create_model("sequencer2d_s", **TINY, num_classes=10, checkpoint_path=path)
+    assert torch.equal(model.stem.proj.weight, src.stem.proj.weight)
+    assert model.head.fc.weight.shape == (10, 32) and model.head.fc.weight.abs().max() == 0
+    headless = seqvision.create_model("sequencer2d_s", **TINY, num_classes=0)
+    with pytest.warns(UserWarning, match="re-initialised"):
+        load_weights(headless, path)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_truncated_corrupt_and_missing_files(tmp_path, suffix):
+    model = seqvision.create_model("sequencer2d_s", **TINY)
+    good = tmp_path / f"good{suffix}"
+    save_weights(model, good, fmt="timm")
+    data = good.read_bytes()
+    truncated = tmp_path / f"truncated{suffix}"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_weights(model, truncated)
+    garbage = tmp_path / f"garbage{suffix}"
+    garbage.write_bytes(b"\x00not a checkpoint" * 50)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_weights(model, garbage)
+    empty = tmp_path / f"empty{suffix}"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_weights(model, empty)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_weights(model, tmp_path / f"missing{suffix}")
+
+
+def test_non_sequencer_checkpoint(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "fc.bias": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="not a Sequencer checkpoint"):
+        load_weights(seqvision.create_model("sequencer2d_s", **TINY), path)
+
+
+def test_training_checkpoint_with_prefixes_loads(tmp_path):
+    model = randomise(seqvision.create_model("sequencer2d_s", **TINY))
+    wrapped = {"model": {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}
+    path = tmp_path / "last.pth"
+    torch.save(wrapped, path)
+    fresh = seqvision.create_model("sequencer2d_s", **TINY, checkpoint_path=path)
+    assert torch.equal(fresh.norm.weight, model.norm.weight)
+
+
+def test_pretrained_loads_from_hub_cache_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    with torch.device("meta"):
+        shapes = seqvision.create_model("sequencer2d_s").state_dict()
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape, generator=g) for k, v in shapes.items()}
+    torch.save(timm_to_authors(sd), cache / "sequencer2d_s.pth")  # the authors' release file name
+    model = seqvision.create_model("sequencer2d_s", pretrained=True)
+    assert torch.equal(model.head.fc.weight, sd["head.fc.weight"])
+
+
+def test_pretrained_without_published_weights():
+    with pytest.raises(CheckpointError, match="no published weights for gru_sequencer2d_s"):
+        seqvision.create_model("gru_sequencer2d_s", pretrained=True)
+
+
+def test_seqvision_format_requires_safetensors(tmp_path):
+    with pytest.raises(CheckpointError, match="safetensors"):
+        save_weights(seqvision.create_model("sequencer2d_s", **TINY), tmp_path / "x.pth", fmt="seqvision")
