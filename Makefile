@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/seqvision info sequencer2d_s
 
 lint: $(STAMP)
-	$(BIN)/ruff check seqvision tests benchmarks
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest
