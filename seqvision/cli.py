@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("seqvision.cli", "list every variant: parameters, GFLOPs with/without LSTMs, feature maps"),
     "info": ("seqvision.cli", "summary of one model: parameters, GFLOPs, feature shapes, preprocessing"),
     "convert": ("seqvision.cli", "convert a checkpoint between the authors', timm's and seqvision's formats"),
+    "predict": ("seqvision.predict", "classify image files, directories or glob patterns with a trained model"),
+    "export": ("seqvision.export", "export to ONNX or torch.export with dynamic batch/height/width, checked"),
 }
 
 

@@ -13,6 +13,7 @@ seqvision models use timm's key layout natively, so only the authors' layout nee
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -21,6 +22,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -33,11 +35,15 @@ FORMATS = ("seqvision", "timm", "authors")
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 _PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+# What a checkpoint may record besides the weights, so that it can be used without the training config:
+# the variant name, extra create_model() arguments, the class names and the preprocessing.
+INFO_KEYS = ("model_name", "model_kwargs", "class_names", "data_config", "epoch")
+_JSON_INFO = ("model_kwargs", "class_names", "data_config")
 
 
 # -- reading -----------------------------------------------------------------------------------------
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read a state dict (and safetensors metadata) from .safetensors or .pth/.pt/.bin.
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a state dict and what the file records about it (``INFO_KEYS``) from .safetensors or .pth.
 
     Training checkpoints that wrap the weights under ``model`` / ``state_dict`` are unwrapped, and
     ``module.`` / ``_orig_mod.`` prefixes are removed. Everything is loaded with ``weights_only=True``.
@@ -47,14 +53,17 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the file was not written completely")
-    metadata: dict[str, str] = {}
+    metadata: dict[str, Any] = {}
     if path.suffix == ".safetensors":
         try:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
+                metadata = {k: v for k, v in (f.metadata() or {}).items() if k in INFO_KEYS}
             obj: object = load_file(str(path))
+            for k in _JSON_INFO:
+                if k in metadata:
+                    metadata[k] = json.loads(metadata[k])
         except (SafetensorError, OSError, ValueError) as e:
             reason = _first_line(e)
             raise CheckpointError(f"cannot read {path}: truncated or corrupt safetensors file ({reason})") from None
@@ -65,6 +74,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
             raise CheckpointError(f"cannot read {path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
         except Exception as e:  # pickle.UnpicklingError and friends from weights_only loading
             raise CheckpointError(f"cannot read {path} safely with weights_only=True ({_first_line(e)})") from None
+        if isinstance(obj, Mapping):
+            metadata = {k: obj[k] for k in INFO_KEYS if k in obj}
     return unwrap_state_dict(obj, str(path)), metadata
 
 
@@ -248,7 +259,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     except OSError as e:
         raise CheckpointError(f"cannot write {path}: {_first_line(e)}") from None
     os.close(fd)
@@ -266,18 +277,23 @@ def save_weights(
     state: nn.Module | Mapping[str, Tensor],
     path: str | os.PathLike,
     fmt: str = "seqvision",
-    metadata: Mapping[str, str] | None = None,
+    info: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write weights in ``fmt``: safetensors when ``path`` ends in .safetensors, else a torch .pth.
 
-    The seqvision format is always safetensors and records the variant name in the metadata.
+    The seqvision format is always safetensors; it records ``info`` (``INFO_KEYS``: the variant name,
+    extra model arguments, class names, preprocessing) in the metadata so the file stands on its own.
     """
     sd = state.state_dict() if isinstance(state, nn.Module) else dict(state)
     sd = {k: v.detach().cpu().contiguous() for k, v in convert_state_dict(sd, fmt).items()}
-    meta = {"format": "pt", "layout": "authors" if fmt == "authors" else "timm"}
+    info = dict(info or {})
     if isinstance(state, nn.Module) and hasattr(state, "variant"):
-        meta["seqvision_variant"] = state.variant
-    meta.update(metadata or {})
+        info.setdefault("model_name", state.variant)
+    meta = {"format": "pt", "layout": "authors" if fmt == "authors" else "timm"}
+    if fmt == "seqvision":
+        for k, v in info.items():
+            if k in INFO_KEYS:
+                meta[k] = json.dumps(v) if k in _JSON_INFO else str(v)
     path = Path(path)
     if fmt == "seqvision" and path.suffix != ".safetensors":
         raise CheckpointError(f"the seqvision format is safetensors: name the output *.safetensors, not {path.name}")
@@ -288,10 +304,10 @@ def save_weights(
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = "seqvision") -> dict:
     """Read ``src`` in any supported format and write it to ``dst`` in format ``to``."""
-    sd, meta = read_checkpoint(src)
+    sd, info = read_checkpoint(src)
     source_fmt = detect_format(sd)
-    variant = guess_variant(sd)
-    extra = {"seqvision_variant": variant} if variant else {}
-    extra.update({k: v for k, v in meta.items() if k == "seqvision_variant"})
-    save_weights(sd, dst, to, metadata=extra)
-    return {"from": source_fmt, "to": to, "tensors": len(sd), "variant": variant}
+    if "model_name" not in info and (variant := guess_variant(sd)):
+        info["model_name"] = variant
+    info.pop("epoch", None)
+    save_weights(sd, dst, to, info=info)
+    return {"from": source_fmt, "to": to, "tensors": len(sd), "variant": info.get("model_name")}

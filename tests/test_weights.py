@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from helpers import randomise
 from safetensors.torch import save_file
 
 import seqvision
@@ -19,15 +20,6 @@ from seqvision.weights import (
 )
 
 TINY = dict(layers=(2, 1, 2, 1), embed_dims=(16, 32, 32, 32), hidden_sizes=(4, 8, 8, 8))
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (the authors' init leaves the head at zero, which would hide errors)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
 
 
 def timm_oracle(name: str) -> torch.nn.Module:
@@ -69,7 +61,7 @@ def test_convert_round_trip_all_formats(tmp_path):
     src = tmp_path / "native.safetensors"
     save_weights(model, src)
     _, meta = read_checkpoint(src)
-    assert meta["seqvision_variant"] == "sequencer2d_s"
+    assert meta["model_name"] == "sequencer2d_s"
     convert_checkpoint(src, tmp_path / "authors.pth", to="authors")
     convert_checkpoint(tmp_path / "authors.pth", tmp_path / "timm.safetensors", to="timm")
     convert_checkpoint(tmp_path / "timm.safetensors", tmp_path / "back.safetensors", to="seqvision")

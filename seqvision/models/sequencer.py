@@ -116,9 +116,10 @@ class BiLSTM1D(nn.Module):
             raise ValueError(f"the vanilla Sequencer needs RNN output == width ({dim})")
 
     def forward(self, x: Tensor) -> Tensor:
+        # The raster sequence is one long row: the 2D engine's horizontal pass on a 1 x HW map.
         B, H, W, C = x.shape
-        y, _ = self.rnn(x.reshape(B, H * W, C))
-        return y.reshape(B, H, W, C)
+        y = ops.rnn2d(x.flatten(1, 2).unsqueeze(1), None, self.rnn, "horizontal")
+        return y.squeeze(1).unflatten(1, (H, W))
 
 
 class SequencerBlock(nn.Module):
@@ -326,7 +327,9 @@ class Sequencer(nn.Module):
         x = self.stem(x)
         if self.absolute_pos_embed is not None:
             pe = self.absolute_pos_embed
-            if pe.shape[1:3] != x.shape[1:3]:  # another input size: resample the learned grid
+            # Another input size: resample the learned grid. When compiling or exporting, always resample
+            # (an identity at the same size) so the graph does not specialise on the image size.
+            if torch.compiler.is_compiling() or pe.shape[1:3] != x.shape[1:3]:
                 pe = F.interpolate(pe.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic", align_corners=False)
                 pe = pe.permute(0, 2, 3, 1)
             x = x + pe

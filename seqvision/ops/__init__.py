@@ -12,9 +12,10 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
-from .reference import UNIONS, join, rnn2d_reference, run_horizontal, run_vertical
+from .reference import UNIONS, join, rnn2d_reference, rnn2d_traceable, run_horizontal, run_vertical
 
-ENGINES = ("auto", "fused", "reference")
+# "traceable": the reference computation as one custom op, so torch.export keeps H and W symbolic.
+ENGINES = ("auto", "fused", "reference", "traceable")
 _engine = "auto"
 
 
@@ -53,6 +54,8 @@ def _fused_impl():
 
 def rnn2d(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: str) -> Tensor:
     """Token mixing of BiLSTM2D (without channel fusion) with the selected engine."""
+    if _engine == "traceable":
+        return rnn2d_traceable(x, rnn_v, rnn_h, union)
     if _engine != "reference":
         impl = _fused_impl()
         if impl is not None:

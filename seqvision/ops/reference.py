@@ -41,3 +41,54 @@ def rnn2d_reference(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | Non
     v = run_vertical(x, rnn_v) if rnn_v is not None else None
     h = run_horizontal(x, rnn_h) if rnn_h is not None else None
     return join(v, h, union)
+
+
+# -- The same computation as one opaque op, for torch.export ----------------------------------------------
+# Exporting nn.LSTM unrolls its time loop, which fixes H and W; as a custom op the recurrence stays one node
+# with symbolic shapes, so an ExportedProgram takes any image size. Inference only (no autograd formula).
+_CELL_FN = {"lstm": torch.lstm, "gru": torch.gru, "rnn": torch.rnn_tanh}
+CELL_NAMES = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}
+
+
+def _run_functional(seq: Tensor, weights: list[Tensor], cell: str, hidden: int, bidirectional: bool) -> Tensor:
+    dirs = 2 if bidirectional else 1
+    h0 = seq.new_zeros(dirs, seq.shape[0], hidden)
+    hx = (h0, h0) if cell == "lstm" else h0
+    return _CELL_FN[cell](seq, hx, weights, True, 1, 0.0, False, bidirectional, True)[0]
+
+
+@torch.library.custom_op("seqvision::rnn2d_reference", mutates_args=())
+def rnn2d_reference_op(
+    x: Tensor, weights_v: list[Tensor], weights_h: list[Tensor], cell: str, hidden: int, bidirectional: bool, union: str
+) -> Tensor:
+    """``rnn2d_reference`` on flat weight lists (w_ih, w_hh, b_ih, b_hh per direction); [] = axis absent."""
+    B, H, W, C = x.shape
+    v = h = None
+    if weights_v:
+        v = _run_functional(x.transpose(1, 2).reshape(B * W, H, C), weights_v, cell, hidden, bidirectional)
+        v = v.reshape(B, W, H, -1).transpose(1, 2)
+    if weights_h:
+        h = _run_functional(x.reshape(B * H, W, C), weights_h, cell, hidden, bidirectional).reshape(B, H, W, -1)
+    return join(v, h, union).contiguous()
+
+
+@rnn2d_reference_op.register_fake
+def _(x, weights_v, weights_h, cell, hidden, bidirectional, union):
+    per_axis = hidden * (2 if bidirectional else 1)
+    axes = (1 if weights_v else 0) + (1 if weights_h else 0)
+    return x.new_empty(*x.shape[:-1], per_axis * axes if union == "cat" else per_axis)
+
+
+def rnn2d_traceable(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: str) -> Tensor:
+    """The reference path through ``rnn2d_reference_op`` (what torch.export and torch.compile see)."""
+    rnn = rnn_v if rnn_v is not None else rnn_h
+    assert rnn is not None
+    return rnn2d_reference_op(
+        x,
+        list(rnn_v._flat_weights) if rnn_v is not None else [],
+        list(rnn_h._flat_weights) if rnn_h is not None else [],
+        CELL_NAMES[type(rnn)],
+        rnn.hidden_size,
+        rnn.bidirectional,
+        union,
+    )

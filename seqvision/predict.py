@@ -1,0 +1,132 @@
+"""``seqvision predict``: classify image files with a trained model."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform
+
+from .errors import UserError
+from .inference import LoadedModel, load_model, quantize_dynamic
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, directories (searched recursively for images) and glob patterns -> (image paths, problems)."""
+    paths, problems = [], []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            paths += found
+            if not found:
+                problems.append(f"{item}: no images in this directory")
+        elif p.exists():
+            paths.append(p)
+        elif any(ch in item for ch in "*?["):
+            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if os.path.isfile(f))
+            paths += found
+            if not found:
+                problems.append(f"{item}: the pattern matches no file")
+        else:
+            problems.append(f"{item}: no such file")
+    return paths, problems
+
+
+def load_image(path: Path) -> Image.Image:
+    """An RGB PIL image (grey-scale, palette and RGBA files are converted); UserError naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: cannot read image ({reason})") from None
+
+
+@torch.no_grad()
+def predict(
+    loaded: LoadedModel, paths: list[Path], topk: int = 5, batch_size: int = 32
+) -> tuple[list[dict], list[str]]:
+    """Top-k predictions for each readable image; unreadable files are returned as problems."""
+    transform = create_transform(**loaded.data_config)
+    device = next(loaded.model.parameters()).device
+    k = min(topk, len(loaded.class_names))
+    results, problems = [], []
+    batch: list[tuple[Path, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        x = torch.stack([t for _, t in batch]).to(device)
+        probs = loaded.model(x).float().softmax(-1)
+        values, indices = probs.topk(k, dim=-1)
+        for (path, _), v, i in zip(batch, values.tolist(), indices.tolist(), strict=True):
+            preds = [
+                {"class": loaded.class_names[c], "index": c, "prob": round(p, 6)} for p, c in zip(v, i, strict=True)
+            ]
+            results.append({"path": str(path), "predictions": preds})
+        batch.clear()
+
+    for path in paths:
+        try:
+            batch.append((path, transform(load_image(path))))
+        except UserError as e:
+            problems.append(str(e))
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    return results, problems
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=(
+            "Classify images with a trained Sequencer. Preprocessing comes from the checkpoint (or the model's "
+            "pretrained_cfg); class names from the checkpoint, ImageNet-1k's for 1000-class models, else 0..N-1."
+        ),
+        epilog=(
+            "examples:\n"
+            "  seqvision predict digit.png --checkpoint runs/digits/best.pth\n"
+            "  seqvision predict photos/ 'more/*.jpg' --model sequencer2d_s --checkpoint sequencer2d_s.pth --json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("images", nargs="+", help="image files, directories or glob patterns")
+    p.add_argument("--checkpoint", help="weights: a seqvision training checkpoint, or authors'/timm's/seqvision's file")
+    p.add_argument("--model", help="variant name (needed only when the checkpoint does not say)")
+    p.add_argument("--pretrained", action="store_true", help="use the published weights of --model")
+    p.add_argument("--topk", type=int, default=5, help="how many classes to show per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", choices=("dynamic",), help="int8 dynamic quantisation of LSTM/Linear weights (CPU)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    paths, problems = expand_inputs(args.images)
+    loaded = load_model(args.checkpoint, args.model, args.device, pretrained=args.pretrained)
+    if args.quantize:
+        loaded.model = quantize_dynamic(loaded.model)
+    results, unreadable = predict(loaded, paths, args.topk, args.batch_size)
+    problems += unreadable
+    for line in problems:
+        print(f"skipped {line}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            top = ", ".join(f"{p['class']} {p['prob']:.1%}" for p in r["predictions"])
+            print(f"{r['path']}: {top}")
+    if not results:
+        raise UserError("no image could be predicted" + (f" ({len(problems)} skipped)" if problems else ""))
+    return 0
