@@ -166,3 +166,44 @@ def test_quantize_dynamic_keeps_predictions_close():
     x = torch.randn(4, 3, 56, 56)
     diff = (q(x) - model(x)).abs().max().item()
     assert 0 < diff < 0.1 * model(x).abs().max().item()
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_reference_engine():
+    # nn.LSTM breaks dynamo's graph; seqvision hands its weights to one custom op instead, forward and backward.
+    model = random_model()
+    x = torch.randn(2, 3, 28, 42)
+    with ops.use_engine("reference"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, dynamic=True)
+        with torch.no_grad():
+            for size in [(28, 42), (56, 70)]:
+                y = torch.randn(2, 3, *size)
+                torch.testing.assert_close(compiled(y), model(y), rtol=1e-4, atol=1e-5)
+        torch._dynamo.reset()
+        train_step = torch.compile(model, fullgraph=True, dynamic=False)
+        train_step(x).square().sum().backward()
+        compiled_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model(x).square().sum().backward()
+    for got, want in zip(compiled_grads, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_op_gradcheck():
+    from torch import nn
+
+    from seqvision.ops.reference import rnn2d_reference, rnn2d_reference_op
+
+    torch.manual_seed(0)
+    for cls, cell in [(nn.LSTM, "lstm"), (nn.GRU, "gru"), (nn.RNN, "rnn")]:
+        rv, rh = (cls(3, 2, batch_first=True, bidirectional=True).double() for _ in range(2))
+        x = torch.randn(2, 3, 4, 3, dtype=torch.double, requires_grad=True)
+        n = len(rv._flat_weights)
+
+        def op(x, *w, cell=cell, n=n):
+            return rnn2d_reference_op(x, list(w[:n]), list(w[n:]), cell, 2, True, "cat")
+
+        weights = [*rv._flat_weights, *rh._flat_weights]
+        assert torch.autograd.gradcheck(op, (x, *weights))
+        torch.testing.assert_close(op(x, *weights), rnn2d_reference(x, rv, rh, "cat"))

@@ -10,12 +10,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from .reference import UNIONS, join, rnn2d_reference, rnn2d_traceable, run_horizontal, run_vertical
 
 # "traceable": the reference computation as one custom op, so torch.export keeps H and W symbolic.
 ENGINES = ("auto", "fused", "reference", "traceable")
+
+# Dynamo refuses to look inside nn.LSTM / GRU / RNN modules unless this is set. seqvision only reads their
+# weights while compiling and hands them to its own custom ops (above); it never traces nn.LSTM.forward.
+torch._dynamo.config.allow_rnn = True
 _engine = "auto"
 
 
@@ -54,7 +59,7 @@ def _fused_impl():
 
 def rnn2d(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: str) -> Tensor:
     """Token mixing of BiLSTM2D (without channel fusion) with the selected engine."""
-    if _engine == "traceable":
+    if _engine == "traceable" or (torch.compiler.is_compiling() and _engine == "reference"):
         return rnn2d_traceable(x, rnn_v, rnn_h, union)
     if _engine != "reference":
         impl = _fused_impl()

@@ -43,9 +43,10 @@ def rnn2d_reference(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | Non
     return join(v, h, union)
 
 
-# -- The same computation as one opaque op, for torch.export ----------------------------------------------
-# Exporting nn.LSTM unrolls its time loop, which fixes H and W; as a custom op the recurrence stays one node
-# with symbolic shapes, so an ExportedProgram takes any image size. Inference only (no autograd formula).
+# -- The same computation as one opaque op, for torch.export and torch.compile ---------------------------------
+# Exporting or compiling nn.LSTM unrolls its time loop, which fixes H and W and makes compilation slow; as a
+# custom op the recurrence stays one node with symbolic shapes. Its backward is a second opaque op that
+# recomputes the forward under autograd (the reference path is for checking and fallback, not for speed).
 _CELL_FN = {"lstm": torch.lstm, "gru": torch.gru, "rnn": torch.rnn_tanh}
 CELL_NAMES = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}
 
@@ -57,11 +58,7 @@ def _run_functional(seq: Tensor, weights: list[Tensor], cell: str, hidden: int, 
     return _CELL_FN[cell](seq, hx, weights, True, 1, 0.0, False, bidirectional, True)[0]
 
 
-@torch.library.custom_op("seqvision::rnn2d_reference", mutates_args=())
-def rnn2d_reference_op(
-    x: Tensor, weights_v: list[Tensor], weights_h: list[Tensor], cell: str, hidden: int, bidirectional: bool, union: str
-) -> Tensor:
-    """``rnn2d_reference`` on flat weight lists (w_ih, w_hh, b_ih, b_hh per direction); [] = axis absent."""
+def _rnn2d_functional(x, weights_v, weights_h, cell, hidden, bidirectional, union) -> Tensor:
     B, H, W, C = x.shape
     v = h = None
     if weights_v:
@@ -72,6 +69,14 @@ def rnn2d_reference_op(
     return join(v, h, union).contiguous()
 
 
+@torch.library.custom_op("seqvision::rnn2d_reference", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def rnn2d_reference_op(
+    x: Tensor, weights_v: list[Tensor], weights_h: list[Tensor], cell: str, hidden: int, bidirectional: bool, union: str
+) -> Tensor:
+    """``rnn2d_reference`` on flat weight lists (w_ih, w_hh, b_ih, b_hh per direction); [] = axis absent."""
+    return _rnn2d_functional(x, weights_v, weights_h, cell, hidden, bidirectional, union)
+
+
 @rnn2d_reference_op.register_fake
 def _(x, weights_v, weights_h, cell, hidden, bidirectional, union):
     per_axis = hidden * (2 if bidirectional else 1)
@@ -79,8 +84,52 @@ def _(x, weights_v, weights_h, cell, hidden, bidirectional, union):
     return x.new_empty(*x.shape[:-1], per_axis * axes if union == "cat" else per_axis)
 
 
+@torch.library.custom_op("seqvision::rnn2d_reference_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def _rnn2d_reference_backward(
+    grad: Tensor,
+    x: Tensor,
+    weights_v: list[Tensor],
+    weights_h: list[Tensor],
+    cell: str,
+    hidden: int,
+    bidirectional: bool,
+    union: str,
+) -> list[Tensor]:
+    # Autograd is switched off inside an op's kernel; torch.func's transform brings its own.
+    nv = len(weights_v)
+
+    def forward(x, *w):
+        return _rnn2d_functional(x, list(w[:nv]), list(w[nv:]), cell, hidden, bidirectional, union)
+
+    # oneDNN's RNN backward does not run under torch.func; the native kernels give the same gradients.
+    with torch.backends.mkldnn.flags(enabled=False):
+        _, vjp = torch.func.vjp(forward, x, *weights_v, *weights_h)
+        return [g.contiguous() for g in vjp(grad)]
+
+
+@_rnn2d_reference_backward.register_fake
+def _(grad, x, weights_v, weights_h, cell, hidden, bidirectional, union):
+    return [t.new_empty(t.shape) for t in (x, *weights_v, *weights_h)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights_v, weights_h, *config = inputs
+    ctx.save_for_backward(x, *weights_v, *weights_h)
+    ctx.n_v, ctx.config = len(weights_v), config
+
+
+def _backward(ctx, grad):
+    x, *weights = ctx.saved_tensors
+    wv, wh = weights[: ctx.n_v], weights[ctx.n_v :]
+    grads = _rnn2d_reference_backward(grad.contiguous(), x, wv, wh, *ctx.config)
+    return grads[0], grads[1 : 1 + ctx.n_v], grads[1 + ctx.n_v :], None, None, None, None
+
+
+rnn2d_reference_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def rnn2d_traceable(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: str) -> Tensor:
-    """The reference path through ``rnn2d_reference_op`` (what torch.export and torch.compile see)."""
+    """The reference computation as one op (what torch.export and torch.compile see), with autograd."""
     rnn = rnn_v if rnn_v is not None else rnn_h
     assert rnn is not None
     return rnn2d_reference_op(
