@@ -1,13 +1,23 @@
 """The BiLSTM2D engine: one entry point, ``rnn2d``, with a reference path and fused kernels behind it.
 
-``rnn2d(x, rnn_v, rnn_h, union)`` maps a B x H x W x C tensor to the joined RNN outputs. Which
-implementation runs is chosen per call: the fused engine where it supports the inputs, else the
-reference path (torch's nn.LSTM/GRU/RNN). ``set_engine`` / ``use_engine`` force a choice.
+``rnn2d(x, rnn_v, rnn_h, union)`` maps a B x H x W x C tensor to the joined RNN outputs. Engines:
+
+- ``reference``: torch's nn.LSTM/GRU/RNN (oneDNN on CPU, cuDNN on CUDA), one call per direction;
+- ``fused``: the C++ CPU kernel (``ops/fused.py``): one input-projection GEMM for all directions and the
+  recurrences in lock-step. Exact, but measured *slower* than oneDNN on the CPUs we have (benchmarks/
+  RESULTS.md), so it runs only when asked for;
+- ``triton``: the persistent Triton kernel for CUDA (``ops/triton_lstm.py``);
+- ``traceable``: the reference computation as one custom op, for torch.export with symbolic H and W;
+- ``auto`` (default): Triton on CUDA where it covers the layer, the reference path everywhere else.
+
+Any engine returns to the reference path for configurations it does not cover (GRU, tanh-RNN, ...).
+``set_engine`` / ``use_engine`` choose; so does the environment variable ``SEQVISION_ENGINE``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -16,16 +26,18 @@ from torch import Tensor, nn
 from .reference import UNIONS, join, rnn2d_reference, rnn2d_traceable, run_horizontal, run_vertical
 
 # "traceable": the reference computation as one custom op, so torch.export keeps H and W symbolic.
-ENGINES = ("auto", "fused", "reference", "traceable")
+ENGINES = ("auto", "fused", "triton", "reference", "traceable")
 
 # Dynamo refuses to look inside nn.LSTM / GRU / RNN modules unless this is set. seqvision only reads their
 # weights while compiling and hands them to its own custom ops (above); it never traces nn.LSTM.forward.
 torch._dynamo.config.allow_rnn = True
-_engine = "auto"
+_engine = os.environ.get("SEQVISION_ENGINE", "auto")
+if _engine not in ENGINES:
+    raise ValueError(f"SEQVISION_ENGINE={_engine!r} is not an engine; use one of {', '.join(ENGINES)}")
 
 
 def set_engine(name: str) -> None:
-    """Select the BiLSTM2D engine for every model: "auto" (fused where supported), "fused" or "reference"."""
+    """Select the BiLSTM2D engine for every model: "auto", "fused", "triton", "reference" or "traceable"."""
     global _engine
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
@@ -49,7 +61,7 @@ def use_engine(name: str) -> Iterator[None]:
 
 
 def _fused_impl():
-    """The fused engine's entry point, or None where it cannot run (no compiled extension)."""
+    """The fused CPU engine's entry point, or None where it cannot run (no compiled extension)."""
     try:
         from . import fused
     except ImportError:
@@ -57,18 +69,34 @@ def _fused_impl():
     return fused.rnn2d_fused if fused.available() else None
 
 
+def _triton_impl(x: Tensor):
+    """The Triton engine's entry point for ``x`` (CUDA, or Triton's interpreter when testing), or None."""
+    if not (x.is_cuda or os.environ.get("SEQVISION_TRITON_INTERPRET") == "1"):
+        return None
+    try:
+        from . import triton_lstm
+    except ImportError:
+        return None
+    return triton_lstm.rnn2d_triton if triton_lstm.available(x) else None
+
+
 def rnn2d(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: str) -> Tensor:
     """Token mixing of BiLSTM2D (without channel fusion) with the selected engine."""
     if _engine == "traceable" or (torch.compiler.is_compiling() and _engine == "reference"):
         return rnn2d_traceable(x, rnn_v, rnn_h, union)
-    if _engine != "reference":
-        impl = _fused_impl()
+    if _engine in ("auto", "triton", "fused"):
+        impl = _fused_impl() if _engine == "fused" else _triton_impl(x)
         if impl is not None:
             out = impl(x, rnn_v, rnn_h, union)
-            if out is not None:  # None: the fused engine does not cover this configuration
+            if out is not None:  # None: this engine does not cover the configuration
                 return out
-        elif _engine == "fused":
-            raise RuntimeError("the fused BiLSTM2D engine is not available here; use set_engine('reference')")
+        elif _engine != "auto":
+            raise RuntimeError(
+                f"the {_engine} BiLSTM2D engine is not available here ({'CPU' if _engine == 'fused' else 'CUDA'} "
+                "only, or it could not be built); use set_engine('auto') or set_engine('reference')"
+            )
+    if torch.compiler.is_compiling():  # nn.LSTM would break the graph: the same computation as one op
+        return rnn2d_traceable(x, rnn_v, rnn_h, union)
     return rnn2d_reference(x, rnn_v, rnn_h, union)
 
 

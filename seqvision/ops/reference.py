@@ -13,17 +13,30 @@ from torch import Tensor, nn
 UNIONS = ("cat", "add", "vertical", "horizontal")
 
 
+def _call(rnn: nn.RNNBase, seq: Tensor) -> Tensor:
+    """``rnn(seq)[0]``; where oneDNN has no bf16 RNN primitive (CPUs without AVX512-BF16) an autocast call
+    fails inside oneDNN, so it is retried on ATen's native kernel and cast to the autocast dtype."""
+    try:
+        return rnn(seq)[0]
+    except RuntimeError as e:
+        if "primitive descriptor" not in str(e) or not torch.is_autocast_enabled("cpu"):
+            raise
+    with torch.backends.mkldnn.flags(enabled=False):
+        out = rnn(seq)[0]
+    return out.to(torch.get_autocast_dtype("cpu"))
+
+
 def run_vertical(x: Tensor, rnn: nn.RNNBase) -> Tensor:
     """Run ``rnn`` down every column of a B x H x W x C map; returns B x H x W x (dirs * D)."""
     B, H, W, C = x.shape
-    v, _ = rnn(x.transpose(1, 2).reshape(B * W, H, C))
+    v = _call(rnn, x.transpose(1, 2).reshape(B * W, H, C))
     return v.reshape(B, W, H, -1).transpose(1, 2)
 
 
 def run_horizontal(x: Tensor, rnn: nn.RNNBase) -> Tensor:
     """Run ``rnn`` along every row of a B x H x W x C map; returns B x H x W x (dirs * D)."""
     B, H, W, C = x.shape
-    h, _ = rnn(x.reshape(B * H, W, C))
+    h = _call(rnn, x.reshape(B * H, W, C))
     return h.reshape(B, H, W, -1)
 
 

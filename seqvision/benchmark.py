@@ -1,0 +1,280 @@
+"""CPU throughput: seqvision's Sequencer2D (fused / reference engine) against timm, in one run.
+
+Rows: seqvision fused (eager, and under torch.compile with the fused op opaque), seqvision reference,
+timm's sequencer2d_* eager and under torch.compile, timm's convnext_tiny. Columns: images/s, ms per image,
+peak memory (RSS growth above the pre-run RSS, sampled every 2 ms while the row runs), achieved GFLOP/s and
+its fraction of the GEMM peak measured at the start of the same run (one large fp32 / bf16 matmul).
+
+FLOPs per image are 2 x the multiply-adds counted with the LSTM products included (sequencer2d_s:
+2 x 8.33 G = 16.7 GFLOP); a training step counts 3 x the forward FLOPs (forward + two backward GEMMs).
+bf16 is measured both under CPU autocast ("autocast") and with the model cast to bf16 ("bf16 weights").
+All rows are timed in interleaved rounds (one step of every row per round) and each row's fastest round is
+reported, so load from other processes disturbs every row alike: compare rows of one table, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+DTYPES = ("fp32", "bf16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seqvision bench",
+        description=(
+            "CPU benchmark of seqvision's Sequencer2D (fused and reference engines) against timm's "
+            "Sequencer2D and ConvNeXt-T: img/s, ms/img, peak memory, GFLOP/s and fraction of GEMM peak.\n\n"
+            "example: seqvision bench --model sequencer2d_s --batch 1,8 --dtype fp32,bf16 --iters 10"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="sequencer2d_s", help="Sequencer variant (default: sequencer2d_s)")
+    parser.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
+    parser.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16 (default: both)")
+    parser.add_argument("--train", action="store_true", help="time a training step (fwd + bwd + AdamW)")
+    parser.add_argument("--img-size", type=int, default=224, help="input resolution (default: 224)")
+    parser.add_argument("--iters", type=int, default=10, help="timed rounds per row (default: 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row (default: 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--no-convnext", action="store_true", help="skip the convnext_tiny row")
+    return parser
+
+
+# -- measurement helpers -----------------------------------------------------------------------------------------
+def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of one large square matmul (best of ``reps``): the ceiling the table's fractions refer to."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def rss_peak() -> Iterator[list[int]]:
+    """Yields a one-element list that holds, on exit, the peak RSS growth (bytes) seen while inside."""
+    base, peak, stop = _rss(), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss() - base)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], _rss() - base)
+
+
+@dataclass
+class Row:
+    name: str
+    mode: str
+    batch: int
+    step: Callable[[], None]
+    flops: float  # per image
+    times: list[float] = field(default_factory=list)
+    mem: int = 0
+
+
+def _make_step(model: nn.Module, batch: int, img: int, dtype: str, mode: str, train: bool, engine: str | None):
+    """A closure running one inference or training step of ``model`` with fixed synthetic data."""
+    from . import ops
+
+    autocast = dtype == "bf16" and mode == "autocast"
+    in_dtype = torch.bfloat16 if dtype == "bf16" and mode == "bf16 weights" else torch.float32
+    x = torch.randn(batch, 3, img, img, dtype=in_dtype)
+    engine_ctx = (lambda: ops.use_engine(engine)) if engine else contextlib.nullcontext
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    if not train:
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), engine_ctx(), amp():
+                model(x)
+
+        return step
+    model.train()
+    target = torch.randint(0, 1000, (batch,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        with engine_ctx():
+            with amp():
+                loss = nn.functional.cross_entropy(model(x).float(), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _row_specs(args) -> list[tuple[str, Callable[[], nn.Module], str | None, bool]]:
+    """(row name, model factory, engine, compile?) for every row."""
+    import timm
+
+    from .models import create_model
+
+    seq = lambda: create_model(args.model)
+    tim = lambda: timm.create_model(args.model)
+    rows = [("seqvision fused", seq, "fused", False)]
+    if not args.no_compile:
+        rows.append(("seqvision fused + torch.compile", seq, "fused", True))
+    rows += [("seqvision reference", seq, "reference", False), (f"timm {args.model}", tim, None, False)]
+    if not args.no_compile:
+        rows.append((f"timm {args.model} + torch.compile", tim, None, True))
+    if not args.no_convnext:
+        rows.append(("timm convnext_tiny", lambda: timm.create_model("convnext_tiny"), None, False))
+    return rows
+
+
+def _flops_per_image(factory: Callable[[], nn.Module], img: int) -> float:
+    """2 x multiply-adds with the RNN products (counted on a meta-device copy: no memory, no weights)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models.complexity import count_complexity
+
+    with torch.device("meta"):
+        model = factory()
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return 2.0 * count_complexity(model, img).macs
+    # No RNN: torch's counter is exact (it counts 2 FLOPs per multiply-add of convs / linears / matmuls).
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 3, img, img, device="meta"))
+    return float(counter.get_total_flops())
+
+
+def _fmt_table(rows: list[Row], peaks: dict[str, float], train: bool) -> str:
+    head = (
+        "| model | dtype / mode | batch | img/s | ms/img | peak RSS delta (MiB) | GFLOP/s | % of GEMM peak |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        if not r.times:
+            continue
+        t = min(r.times)  # other processes only ever slow a round down: the fastest round is the least disturbed
+        ips = r.batch / t
+        gflops = ips * r.flops * (3 if train else 1) / 1e9
+        dt = "fp32" if r.mode == "fp32" else "bf16"
+        lines.append(
+            f"| {r.name} | {r.mode} | {r.batch} | {ips:.2f} | {1e3 * t / r.batch:.1f} | {r.mem / 2**20:.0f} | "
+            f"{gflops:.0f} | {100 * gflops / peaks[dt]:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import ops
+    from .ops import fused
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = [int(b) for b in str(args.batch).split(",") if b]
+    dtypes = [d.strip() for d in str(args.dtype).split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        print(f"unknown dtype(s) {bad}; choose from {DTYPES}")
+        return 2
+    if not fused.available():
+        print(f"note: the fused engine is not available ({fused.load_error()}); its rows use the reference path")
+    peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16, 3072)}
+    specs = _row_specs(args)
+    flops = {name: _flops_per_image(factory, args.img_size) for name, factory, _, _ in specs}
+
+    all_rows: list[Row] = []
+    for dtype in dtypes:
+        modes = ["fp32"] if dtype == "fp32" else ["autocast", "bf16 weights"]
+        for batch in batches:
+            rows: list[Row] = []
+            for mode in modes:
+                for name, factory, engine, comp in specs:
+                    model = factory()
+                    if mode == "bf16 weights":
+                        model = model.bfloat16()
+                    if comp:  # the step calls the compiled callable; parameters and train()/eval() stay shared
+                        model = _Compiled(model, name.startswith("timm"))
+                    step = _make_step(model, batch, args.img_size, dtype, mode, args.train, engine)
+                    rows.append(Row(name, mode, batch, step, flops[name]))
+            # Warm-up (compilation happens here), memory per row, then interleaved timed rounds.
+            for r in list(rows):
+                gc.collect()
+                try:
+                    with rss_peak() as peak:
+                        for _ in range(max(1, args.warmup)):
+                            r.step()
+                except Exception as e:  # e.g. a torch.compile failure: report it, keep the other rows
+                    print(f"{r.name} ({r.mode}, batch {r.batch}) failed: {type(e).__name__}: {str(e)[:200]}")
+                    rows.remove(r)
+                    continue
+                r.mem = peak[0]
+            for _ in range(args.iters):
+                for r in rows:
+                    t = time.perf_counter()
+                    r.step()
+                    r.times.append(time.perf_counter() - t)
+            all_rows += rows
+            del rows
+            gc.collect()
+    ops.set_engine("auto")
+    kind = "training step (fwd + bwd + AdamW)" if args.train else "inference"
+    print(
+        f"\n{args.model}, {args.img_size} px, {kind}, {torch.get_num_threads()} threads; GEMM peak measured: "
+        f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s\n"
+    )
+    print(_fmt_table(all_rows, peaks, args.train))
+    return 0
+
+
+class _Compiled(nn.Module):
+    """``torch.compile(model)`` that keeps the module's parameters and train() / eval() reachable."""
+
+    def __init__(self, model: nn.Module, is_timm: bool):
+        super().__init__()
+        self.model = model
+        self.compiled = torch.compile(model, dynamic=False)  # static shapes: one graph per stage shape
+        self.is_timm = is_timm
+
+    def forward(self, x):
+        # seqvision.ops enables Dynamo's allow_rnn for its own opaque ops; timm's nn.LSTM is left to a graph
+        # break, as a plain torch.compile user of timm gets (not unrolled by Dynamo).
+        # A higher recompile limit: timm's LSTM2D.forward is recompiled per stage shape around those breaks.
+        ctx = (
+            torch._dynamo.config.patch(allow_rnn=False, recompile_limit=64)
+            if self.is_timm
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            return self.compiled(x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,497 @@
+// Fused CPU engine for BiLSTM2D token mixing (seqvision issue 4).
+//
+// x is a contiguous B x H x W x C map. Up to four LSTM directions run over it: vertical forward /
+// backward (sequences of length H, one per column: B*W rows) and horizontal forward / backward
+// (length W, one per row: B*H rows). The input projections of all directions are one GEMM done by the
+// caller-side ATen op here; the recurrences then run in lock-step. Rows (independent sequences) are split
+// across threads once, so each thread runs its own time loop with no barrier per step: per step and
+// direction, one small GEMM (h_prev @ W_hh^T, sequential BLAS inside the parallel region) followed by the
+// fused gate loop (activations, cell update), with h and c kept in per-thread buffers that stay in cache.
+// Each h is written straight into the final B x H x W x (ndir*D) output at its direction's column block.
+//
+// Precision: float and double run in their own type. bfloat16: the input projection (~80% of the FLOPs) is a
+// bf16 GEMM (oneDNN, fp32 accumulation); the small recurrent GEMMs, gates, h and c are fp32 ("acc" type), and
+// only the output is rounded to bf16.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+// BLAS entry points of the MKL linked into libtorch_cpu. Weak: where they are missing (another BLAS,
+// another platform) they resolve to null and the ATen fallback below runs instead.
+extern "C" {
+__attribute__((weak)) void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+                                  const float*, const int*, const float*, const int*, const float*, float*,
+                                  const int*);
+__attribute__((weak)) void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+                                  const double*, const int*, const double*, const int*, const double*, double*,
+                                  const int*);
+__attribute__((weak)) int MKL_Set_Num_Threads_Local(int);
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// Element types: storage type T, accumulation type acc (float for float/bf16, double for double).
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  using acc = float;
+  using raw = float;
+  static inline float load(float v) { return v; }
+  static inline float store(float v) { return v; }
+};
+
+template <>
+struct Elem<double> {
+  using acc = double;
+  using raw = double;
+  static inline double load(double v) { return v; }
+  static inline double store(double v) { return v; }
+};
+
+// bf16 handled as raw uint16 so the conversions are plain integer ops the compiler can vectorise.
+template <>
+struct Elem<c10::BFloat16> {
+  using acc = float;
+  using raw = uint16_t;
+  static inline float load(uint16_t v) {
+    uint32_t u = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static inline uint16_t store(float f) {  // round to nearest even (NaN payloads are not preserved)
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Activations. float: a branch-free Cephes-style exp (about 1 ulp) that vectorises inside `omp simd`
+// loops (libm's expf does not); double: libm, for gradcheck-grade accuracy.
+inline float exp_f(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const int n = int(t + 128.5f) - 128;  // round(t), vectorisable (the argument is > 0)
+  const float fn = float(n);
+  float r = x - fn * 0.693359375f;
+  r = r + fn * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+inline float sigmoid_a(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+inline float tanh_a(float x) { return 1.0f - 2.0f / (1.0f + exp_f(2.0f * x)); }
+inline double sigmoid_a(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+inline double tanh_a(double x) { return std::tanh(x); }
+
+// ---------------------------------------------------------------------------------------------------------
+// Row-major GEMM: C[M x N] (ldc) = A[M x K] (lda) * op(B) + beta * C. trans_b: B is stored N x K (op = B^T),
+// else K x N. A and B have the storage type, C the accumulation type.
+template <typename T>
+void gemm_fallback(bool trans_b, int M, int N, int K, const T* A, int lda, const T* B, int ldb,
+                   typename Elem<T>::acc beta, typename Elem<T>::acc* C, int ldc) {
+  using acc = typename Elem<T>::acc;
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  const auto sacc = c10::CppTypeToScalarType<acc>::value;
+  auto a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, at::TensorOptions().dtype(st));
+  auto b = trans_b ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, at::TensorOptions().dtype(st)).t()
+                   : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, at::TensorOptions().dtype(st));
+  auto c = at::from_blob(C, {M, N}, {ldc, 1}, at::TensorOptions().dtype(sacc));
+  auto prod = at::mm(a.to(sacc), b.to(sacc));
+  if (beta == acc(0)) {
+    c.copy_(prod);
+  } else {
+    c.mul_(beta).add_(prod);
+  }
+}
+
+inline void gemm(bool trans_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb, float beta,
+                 float* C, int ldc) {
+  if (!sgemm_) return gemm_fallback<float>(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  // Column-major BLAS computes C^T = op(B)^T A^T: swap the operands.
+  const float one = 1.0f;
+  sgemm_(trans_b ? "T" : "N", "N", &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+inline void gemm(bool trans_b, int M, int N, int K, const double* A, int lda, const double* B, int ldb,
+                 double beta, double* C, int ldc) {
+  if (!dgemm_) return gemm_fallback<double>(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  const double one = 1.0;
+  dgemm_(trans_b ? "T" : "N", "N", &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+// The per-step GEMMs are small and already run one per thread: keep MKL from nesting its own threads.
+struct SequentialBlas {
+  int prev = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Geometry of one direction over the B x H x W token grid.
+struct Dir {
+  bool vertical;
+  bool reverse;
+  int64_t T;     // sequence length (H or W)
+  int64_t rows;  // number of sequences (B*W or B*H)
+};
+
+struct Grid {
+  int64_t B, H, W;
+  std::vector<Dir> dirs;  // vertical directions first, forward before backward (the output column order)
+
+  Grid(int64_t B_, int64_t H_, int64_t W_, int64_t n_v, int64_t n_h) : B(B_), H(H_), W(W_) {
+    for (int64_t k = 0; k < n_v; ++k) dirs.push_back({true, k == 1, H, B * W});
+    for (int64_t k = 0; k < n_h; ++k) dirs.push_back({false, k == 1, W, B * H});
+  }
+  int64_t steps() const {
+    int64_t t = 0;
+    for (const auto& d : dirs) t = std::max(t, d.T);
+    return t;
+  }
+  // Token index (b*H + row)*W + col read by sequence n of direction d at step t.
+  inline int64_t token(const Dir& d, int64_t t, int64_t n) const {
+    const int64_t s = d.reverse ? d.T - 1 - t : t;
+    if (d.vertical) {
+      const int64_t b = n / W;
+      return (b * H + s) * W + (n - b * W);
+    }
+    return n * W + s;
+  }
+};
+
+#ifndef SEQVISION_ROW_BLOCK
+#define SEQVISION_ROW_BLOCK 32
+#endif
+constexpr int64_t kRowBlock = SEQVISION_ROW_BLOCK;
+
+// Threads used and the row range [lo, hi) of a direction owned by thread `tid`.
+inline int64_t pick_threads(const Grid& g) {
+  int64_t rows = 0;
+  for (const auto& d : g.dirs) rows = std::max(rows, d.rows);
+  // Fewer than ~4 rows per thread makes the per-step GEMM pure overhead.
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 4));
+}
+inline void row_range(int64_t rows, int64_t tid, int64_t nt, int64_t& lo, int64_t& hi) {
+  lo = rows * tid / nt;
+  hi = rows * (tid + 1) / nt;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// LSTM forward. Per row: pre = xproj + bias + h_prev W_hh^T; gates (i, f, g, o) in PyTorch's order.
+template <typename T, bool SAVE>
+void lstm_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename Elem<T>::acc* bias,
+                       const typename Elem<T>::acc* w_hh,
+                       T* out, typename Elem<T>::acc* gates, typename Elem<T>::acc* cells) {
+  using acc = typename Elem<T>::acc;
+  using raw = typename Elem<T>::raw;
+  const int64_t nd = int64_t(g.dirs.size()), G4 = 4 * D, proj_ld = nd * G4, out_ld = nd * D;
+  const int64_t nt = pick_threads(g), steps = g.steps();
+
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    const SequentialBlas sequential;
+    for (int64_t tid = t0; tid < t1; ++tid) {
+      std::vector<int64_t> lo(nd), hi(nd);
+      int64_t max_rows = 0;
+      for (int64_t d = 0; d < nd; ++d) {
+        row_range(g.dirs[d].rows, tid, nt, lo[d], hi[d]);
+        max_rows = std::max(max_rows, hi[d] - lo[d]);
+      }
+      // Per-thread state in the acc type: h (the next GEMM's input), c, and the recurrent product.
+      std::vector<acc> hbuf(nd * max_rows * D);
+      std::vector<acc> cbuf(nd * max_rows * D, acc(0));
+      std::vector<acc> rbuf(kRowBlock * G4);
+
+      for (int64_t t = 0; t < steps; ++t) {
+        for (int64_t d = 0; d < nd; ++d) {
+          const Dir& dir = g.dirs[d];
+          const int64_t m = hi[d] - lo[d];
+          if (t >= dir.T || m == 0) continue;
+          acc* h = hbuf.data() + d * max_rows * D;
+          acc* c = cbuf.data() + d * max_rows * D;
+          acc* r = rbuf.data();
+          const acc* b = bias + d * G4;
+          // Row blocks keep the recurrent product (kRowBlock x 4D) in L1 between the GEMM and the gate loop.
+          for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+            const int64_t mb = std::min(kRowBlock, m - r0);
+            if (t == 0) {
+              std::fill(r, r + mb * G4, acc(0));  // zero initial state
+            } else {
+              gemm(true, int(mb), int(G4), int(D), h + r0 * D, int(D), w_hh + d * G4 * D, int(D), acc(0), r, int(G4));
+            }
+            for (int64_t i = r0; i < r0 + mb; ++i) {
+              const int64_t tok = g.token(dir, t, lo[d] + i);
+              const raw* xp = reinterpret_cast<const raw*>(xproj + tok * proj_ld + d * G4);
+              const acc* ri = r + (i - r0) * G4;
+              acc* ci = c + i * D;
+              acc* hi_ = h + i * D;
+              raw* oi = reinterpret_cast<raw*>(out + tok * out_ld + d * D);
+              acc* gs = SAVE ? gates + (tok * nd + d) * G4 : nullptr;
+              acc* cs = SAVE ? cells + (tok * nd + d) * D : nullptr;
+#pragma omp simd
+              for (int64_t j = 0; j < D; ++j) {
+                const acc ig = sigmoid_a(Elem<T>::load(xp[j]) + b[j] + ri[j]);
+                const acc fg = sigmoid_a(Elem<T>::load(xp[D + j]) + b[D + j] + ri[D + j]);
+                const acc gg = tanh_a(Elem<T>::load(xp[2 * D + j]) + b[2 * D + j] + ri[2 * D + j]);
+                const acc og = sigmoid_a(Elem<T>::load(xp[3 * D + j]) + b[3 * D + j] + ri[3 * D + j]);
+                const acc cn = fg * ci[j] + ig * gg;
+                const acc hv = og * tanh_a(cn);
+                ci[j] = cn;
+                hi_[j] = hv;
+                oi[j] = Elem<T>::store(hv);
+                if (SAVE) {
+                  gs[j] = ig;
+                  gs[D + j] = fg;
+                  gs[2 * D + j] = gg;
+                  gs[3 * D + j] = og;
+                  cs[j] = cn;
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// LSTM backward through time. Produces d(pre-activation) for every token and direction (dpre, storage type),
+// from which the caller gets dx and all weight gradients with large GEMMs.
+template <typename T>
+void lstm_backward_impl(const Grid& g, int64_t D, const T* grad_out, const typename Elem<T>::acc* w_hh, const typename Elem<T>::acc* gates,
+                        const typename Elem<T>::acc* cells, T* dpre) {
+  using acc = typename Elem<T>::acc;
+  using raw = typename Elem<T>::raw;
+  const int64_t nd = int64_t(g.dirs.size()), G4 = 4 * D, pre_ld = nd * G4, out_ld = nd * D;
+  const int64_t nt = pick_threads(g), steps = g.steps();
+
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    const SequentialBlas sequential;
+    for (int64_t tid = t0; tid < t1; ++tid) {
+      std::vector<int64_t> lo(nd), hi(nd);
+      int64_t max_rows = 0;
+      for (int64_t d = 0; d < nd; ++d) {
+        row_range(g.dirs[d].rows, tid, nt, lo[d], hi[d]);
+        max_rows = std::max(max_rows, hi[d] - lo[d]);
+      }
+      std::vector<acc> dpbuf(nd * max_rows * G4);  // this step's dpre rows, contiguous for the GEMM
+      std::vector<acc> dcbuf(nd * max_rows * D);  // dL/dc carried to the previous step
+      std::vector<acc> dhbuf(max_rows * D);       // dL/dh from the recurrence
+      const std::vector<acc> zeros(D, acc(0));    // c_{-1}
+
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        for (int64_t d = 0; d < nd; ++d) {
+          const Dir& dir = g.dirs[d];
+          const int64_t m = hi[d] - lo[d];
+          if (t >= dir.T || m == 0) continue;
+          acc* dp = dpbuf.data() + d * max_rows * G4;
+          acc* dc = dcbuf.data() + d * max_rows * D;
+          acc* dh = dhbuf.data();
+          if (t == dir.T - 1) {
+            std::fill(dh, dh + m * D, acc(0));
+            std::fill(dc, dc + m * D, acc(0));
+          } else {
+            gemm(false, int(m), int(D), int(G4), dp, int(G4), w_hh + d * G4 * D, int(D), acc(0), dh, int(D));
+          }
+          for (int64_t i = 0; i < m; ++i) {
+            const int64_t n = lo[d] + i;
+            const int64_t tok = g.token(dir, t, n);
+            const acc* gs = gates + (tok * nd + d) * G4;
+            const acc* cs = cells + (tok * nd + d) * D;
+            const acc* cp = t > 0 ? cells + (g.token(dir, t - 1, n) * nd + d) * D : zeros.data();
+            const raw* go = reinterpret_cast<const raw*>(grad_out + tok * out_ld + d * D);
+            raw* dpg = reinterpret_cast<raw*>(dpre + tok * pre_ld + d * G4);
+            acc* dpl = dp + i * G4;
+            const acc* dhi = dh + i * D;
+            acc* dci = dc + i * D;
+#pragma omp simd
+            for (int64_t j = 0; j < D; ++j) {
+              const acc ig = gs[j], fg = gs[D + j], gg = gs[2 * D + j], og = gs[3 * D + j];
+              const acc tc = tanh_a(cs[j]);
+              const acc dhv = Elem<T>::load(go[j]) + dhi[j];
+              const acc dcv = dci[j] + dhv * og * (acc(1) - tc * tc);
+              const acc cprev = cp[j];
+              dci[j] = dcv * fg;
+              const acc di = dcv * gg * ig * (acc(1) - ig);
+              const acc df = dcv * cprev * fg * (acc(1) - fg);
+              const acc dg = dcv * ig * (acc(1) - gg * gg);
+              const acc dO = dhv * tc * og * (acc(1) - og);
+              dpg[j] = Elem<T>::store(di);
+              dpg[D + j] = Elem<T>::store(df);
+              dpg[2 * D + j] = Elem<T>::store(dg);
+              dpg[3 * D + j] = Elem<T>::store(dO);
+              dpl[j] = di;
+              dpl[D + j] = df;
+              dpl[2 * D + j] = dg;
+              dpl[3 * D + j] = dO;
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Workspace for the input projections, reused across calls (one per calling thread, grow-only: it keeps the
+// largest size seen, e.g. 100 MB for batch 32 at stage 1 of S). Re-use avoids the page faults and zeroing of a
+// fresh multi-MB allocation per call; 2 MiB pages (madvise) reduce the TLB misses of the strided row reads (the
+// horizontal directions read rows a whole image row apart).
+struct Workspace {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  ~Workspace() { std::free(ptr); }
+  void* get(size_t need) {
+    if (need > bytes) {
+      constexpr size_t kHuge = size_t(2) << 20;
+      std::free(ptr);
+      bytes = (need + kHuge - 1) / kHuge * kHuge;
+      ptr = std::aligned_alloc(kHuge, bytes);
+      TORCH_CHECK(ptr, "out of memory allocating the LSTM2D workspace");
+      madvise(ptr, bytes, MADV_HUGEPAGE);
+    }
+    return ptr;
+  }
+};
+
+at::Tensor workspace_tensor(at::IntArrayRef shape, const at::TensorOptions& opt) {
+  thread_local Workspace ws;
+  int64_t n = 1;
+  for (auto s : shape) n *= s;
+  return at::from_blob(ws.get(size_t(n) * opt.dtype().itemsize()), shape, opt);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Entry points (called from seqvision/ops/fused.py inside torch.library custom ops).
+
+at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_inputs(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, int64_t nd) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "x must be a CPU tensor B x H x W x C");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16,
+              "unsupported dtype ", x.scalar_type());
+  TORCH_CHECK(w_ih.scalar_type() == x.scalar_type() && w_hh.scalar_type() == x.scalar_type(),
+              "weights must have the dtype of x");
+  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(0) == nd && w_hh.size(1) == 4 * w_hh.size(2), "w_hh: ndir x 4D x D");
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == nd * w_hh.size(1) && w_ih.size(1) == x.size(3),
+              "w_ih: ndir*4D x C");
+}
+
+// Returns (out, gates, cells); gates / cells are empty unless `save` (training).
+std::vector<at::Tensor> lstm2d_forward(const at::Tensor& x_, const at::Tensor& w_ih_, const at::Tensor& bias_,
+                                       const at::Tensor& w_hh_, int64_t n_v, int64_t n_h, bool save) {
+  const int64_t nd = n_v + n_h;
+  check_inputs(x_, w_ih_, w_hh_, nd);
+  const auto x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const auto bias = bias_.to(acc_type(x.scalar_type())).contiguous();
+  // The recurrent GEMMs run in the acc type (fp32 for bf16: small, and keeps h and the gates exact).
+  const auto w_hh_acc = w_hh.to(acc_type(x.scalar_type())).contiguous();
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), D = w_hh.size(2);
+  const Grid g(B, H, W, n_v, n_h);
+  // One GEMM gives every direction's input projection for every token.
+  auto xproj = workspace_tensor({B * H * W, w_ih.size(0)}, x.options());
+  at::mm_out(xproj, x.view({B * H * W, C}), w_ih.t());
+  auto out = at::empty({B, H, W, nd * D}, x.options());
+  const auto aopt = x.options().dtype(acc_type(x.scalar_type()));
+  auto gates = save ? at::empty({B, H, W, nd, 4 * D}, aopt) : at::empty({0}, aopt);
+  auto cells = save ? at::empty({B, H, W, nd, D}, aopt) : at::empty({0}, aopt);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm2d_forward", [&] {
+    using acc = typename Elem<scalar_t>::acc;
+    if (save) {
+      lstm_forward_impl<scalar_t, true>(g, D, xproj.data_ptr<scalar_t>(), bias.data_ptr<acc>(),
+                                        w_hh_acc.data_ptr<acc>(), out.data_ptr<scalar_t>(), gates.data_ptr<acc>(),
+                                        cells.data_ptr<acc>());
+    } else {
+      lstm_forward_impl<scalar_t, false>(g, D, xproj.data_ptr<scalar_t>(), bias.data_ptr<acc>(),
+                                         w_hh_acc.data_ptr<acc>(), out.data_ptr<scalar_t>(), nullptr, nullptr);
+    }
+  });
+  return {out, gates, cells};
+}
+
+// h_{t-1} of every token and direction (zero at each sequence start), aligned with the tokens.
+at::Tensor shifted_hidden(const at::Tensor& out, const Grid& g, int64_t D) {
+  auto prev = at::zeros_like(out);
+  for (int64_t d = 0; d < int64_t(g.dirs.size()); ++d) {
+    const Dir& dir = g.dirs[d];
+    const int64_t dim = dir.vertical ? 1 : 2, T = dir.T;
+    if (T < 2) continue;
+    auto src = out.narrow(3, d * D, D), dst = prev.narrow(3, d * D, D);
+    if (dir.reverse) {
+      dst.narrow(dim, 0, T - 1).copy_(src.narrow(dim, 1, T - 1));
+    } else {
+      dst.narrow(dim, 1, T - 1).copy_(src.narrow(dim, 0, T - 1));
+    }
+  }
+  return prev;
+}
+
+// Returns (dx, dw_ih, dbias, dw_hh).
+std::vector<at::Tensor> lstm2d_backward(const at::Tensor& grad_out_, const at::Tensor& x_, const at::Tensor& w_ih_,
+                                        const at::Tensor& w_hh_, const at::Tensor& out_, const at::Tensor& gates_,
+                                        const at::Tensor& cells_, int64_t n_v, int64_t n_h) {
+  const int64_t nd = n_v + n_h;
+  check_inputs(x_, w_ih_, w_hh_, nd);
+  const auto x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const auto out = out_.contiguous(), gates = gates_.contiguous(), cells = cells_.contiguous();
+  const auto grad_out = grad_out_.to(x.scalar_type()).contiguous();
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), D = w_hh.size(2), N = B * H * W;
+  TORCH_CHECK(gates.numel() == N * nd * 4 * D && cells.numel() == N * nd * D, "forward was run without `save`");
+  const Grid g(B, H, W, n_v, n_h);
+  auto dpre = at::empty({N, nd * 4 * D}, x.options());
+  const auto w_hh_acc = w_hh.to(acc_type(x.scalar_type())).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm2d_backward", [&] {
+    using acc = typename Elem<scalar_t>::acc;
+    lstm_backward_impl<scalar_t>(g, D, grad_out.data_ptr<scalar_t>(), w_hh_acc.data_ptr<acc>(), gates.data_ptr<acc>(),
+                                 cells.data_ptr<acc>(), dpre.data_ptr<scalar_t>());
+  });
+  const auto x2 = x.view({N, C});
+  auto dx = at::mm(dpre, w_ih).view({B, H, W, C});
+  auto dw_ih = at::mm(dpre.t(), x2);
+  auto dbias = dpre.sum(0, /*keepdim=*/false, acc_type(x.scalar_type()));
+  const auto hprev = shifted_hidden(out, g, D).view({N, nd * D});
+  auto dw_hh = at::empty_like(w_hh);
+  for (int64_t d = 0; d < nd; ++d) {
+    auto dst = dw_hh[d];
+    at::mm_out(dst, dpre.narrow(1, d * 4 * D, 4 * D).t(), hprev.narrow(1, d * D, D));
+  }
+  return {dx, dw_ih, dbias, dw_hh};
+}
+
+bool has_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lstm2d_forward", &lstm2d_forward, py::call_guard<py::gil_scoped_release>());
+  m.def("lstm2d_backward", &lstm2d_backward, py::call_guard<py::gil_scoped_release>());
+  m.def("has_blas", &has_blas);
+}

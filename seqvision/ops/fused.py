@@ -1,0 +1,238 @@
+"""Fused CPU engine for BiLSTM2D token mixing (a compiled C++ kernel, built on first use).
+
+The engine computes exactly what ``rnn2d_reference`` computes for LSTM token mixers, faster:
+
+- one GEMM gives the input projections of all four directions for every token;
+- the four recurrences run in lock-step in C++, each thread owning a slice of the sequences for the whole
+  time loop (no barrier per step); per step and direction one small GEMM (h_prev @ W_hh^T) is followed by a
+  fused gate loop, and each h is written straight into the final B x H x W x 4D output;
+- bfloat16 (also under CPU autocast) runs the input-projection GEMM in bf16; recurrent products, gates and
+  cell state stay fp32;
+- training saves the gates and cell states; the backward runs the reverse-time recurrence in C++ and gets
+  dx and every weight gradient from a few large GEMMs.
+
+It is exposed as the custom ops ``seqvision::lstm2d`` / ``seqvision::lstm2d_backward`` (fake kernels and
+autograd registered), so ``torch.compile(fullgraph=True)`` sees one opaque node per token mixer.
+
+``rnn2d_fused`` returns None for what it does not cover (GRU, tanh-RNN, stacked or projected LSTMs, other
+devices or dtypes); the caller then runs the reference path. ``SEQVISION_NO_FUSED=1`` switches it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+import weakref
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor, nn
+
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / "rnn2d.cpp"]
+# -march=native: the gate loop's exp/sigmoid/tanh vectorise to the widest ISA present (AVX-512 here);
+# -fopenmp-simd honours `#pragma omp simd` without a second OpenMP runtime (threads come from ATen's pool).
+_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+
+_ext: ModuleType | None = None
+_load_error: str | None = None
+
+
+def _build_name() -> str:
+    """Extension name tied to this CPU and torch version: a -march=native build must not run elsewhere."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        cpu = platform.processor()
+    key = f"{cpu}|{torch.__version__}|{' '.join(_CFLAGS)}".encode()
+    return "seqvision_fused_" + hashlib.sha1(key).hexdigest()[:10]
+
+
+def _load() -> ModuleType | None:
+    """Compile (first use only, then cached in torch's extensions dir) and import the C++ kernels."""
+    global _ext, _load_error
+    if _ext is not None or _load_error is not None:
+        return _ext
+    try:
+        from torch.utils.cpp_extension import load
+
+        _ext = load(name=_build_name(), sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS, verbose=False)
+    except Exception as e:  # no compiler, no ninja, build error: fall back to the reference path
+        _load_error = f"{type(e).__name__}: {e}"
+        warnings.warn(
+            f"seqvision: the fused BiLSTM2D engine could not be built, using the reference path ({_load_error})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _ext
+
+
+def disabled_by_env() -> bool:
+    """True when SEQVISION_NO_FUSED is set to anything but "" or "0"."""
+    return os.environ.get("SEQVISION_NO_FUSED", "") not in ("", "0")
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the fused engine can run here (builds it on the first call; one warning if that fails)."""
+    return not disabled_by_env() and _load() is not None
+
+
+def load_error() -> str | None:
+    """Why the build failed, or None."""
+    return _load_error
+
+
+def _require() -> ModuleType:
+    ext = _load()
+    if ext is None:
+        raise RuntimeError(f"the fused BiLSTM2D engine is not available: {_load_error}")
+    return ext
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# -- Custom ops ----------------------------------------------------------------------------------------------
+# Directions: n_v vertical then n_h horizontal (each 0, 1 = forward or 2 = forward + backward); the output
+# columns follow that order: [vertical fwd | vertical bwd | horizontal fwd | horizontal bwd].
+# w_ih: ndir*4D x C, bias: ndir*4D (b_ih + b_hh, fp32 for bf16), w_hh: ndir x 4D x D.
+
+
+@torch.library.custom_op("seqvision::lstm2d", mutates_args=())
+def lstm2d(
+    x: Tensor, w_ih: Tensor, bias: Tensor, w_hh: Tensor, n_v: int, n_h: int, save: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused LSTM2D forward: (out B x H x W x ndir*D, gates, cells); gates / cells are empty unless ``save``."""
+    out, gates, cells = _require().lstm2d_forward(x, w_ih, bias, w_hh, n_v, n_h, save)
+    return out, gates, cells
+
+
+@lstm2d.register_fake
+def _(x, w_ih, bias, w_hh, n_v, n_h, save):
+    B, H, W, _ = x.shape
+    nd, D = n_v + n_h, w_hh.shape[2]
+    acc = _acc_dtype(x.dtype)
+    gates = x.new_empty(B, H, W, nd, 4 * D, dtype=acc) if save else x.new_empty(0, dtype=acc)
+    cells = x.new_empty(B, H, W, nd, D, dtype=acc) if save else x.new_empty(0, dtype=acc)
+    return x.new_empty(B, H, W, nd * D), gates, cells
+
+
+@torch.library.custom_op("seqvision::lstm2d_backward", mutates_args=())
+def lstm2d_backward(
+    grad: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, out: Tensor, gates: Tensor, cells: Tensor, n_v: int, n_h: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, dw_ih, dbias, dw_hh) of ``lstm2d``'s output from the saved gates and cell states."""
+    dx, dw_ih, dbias, dw_hh = _require().lstm2d_backward(grad, x, w_ih, w_hh, out, gates, cells, n_v, n_h)
+    return dx, dw_ih, dbias, dw_hh
+
+
+@lstm2d_backward.register_fake
+def _(grad, x, w_ih, w_hh, out, gates, cells, n_v, n_h):
+    dbias = x.new_empty(w_ih.shape[0], dtype=_acc_dtype(x.dtype))
+    return torch.empty_like(x), torch.empty_like(w_ih), dbias, torch.empty_like(w_hh)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_ih, bias, w_hh, n_v, n_h, save = inputs
+    out, gates, cells = output
+    ctx.mark_non_differentiable(gates, cells)
+    ctx.save_for_backward(x, w_ih, w_hh, out, gates, cells)
+    ctx.n_v, ctx.n_h, ctx.save, ctx.bias_dtype = n_v, n_h, save, bias.dtype
+
+
+def _backward(ctx, grad, _grad_gates, _grad_cells):
+    if not ctx.save:
+        raise RuntimeError("seqvision::lstm2d was run with save=False; its output has no gradient")
+    x, w_ih, w_hh, out, gates, cells = ctx.saved_tensors
+    dx, dw_ih, dbias, dw_hh = lstm2d_backward(grad.contiguous(), x, w_ih, w_hh, out, gates, cells, ctx.n_v, ctx.n_h)
+    return dx, dw_ih, dbias.to(ctx.bias_dtype), dw_hh, None, None, None
+
+
+lstm2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- Entry point used by seqvision.ops.rnn2d -------------------------------------------------------------------
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype the op runs in: bf16 under CPU bf16 autocast (as nn.LSTM would), else x's own dtype."""
+    if torch.is_autocast_enabled("cpu") and x.dtype in (torch.float32, torch.bfloat16):
+        return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+    return x.dtype if x.dtype in _SUPPORTED_DTYPES else None
+
+
+def _supported(rnns: list[nn.RNNBase], x: Tensor) -> bool:
+    first = rnns[0]
+    for r in rnns:
+        if type(r) is not nn.LSTM or r.num_layers != 1 or not r.batch_first or r.proj_size != 0:
+            return False
+        if r.hidden_size != first.hidden_size or r.bidirectional != first.bidirectional or r.bias != first.bias:
+            return False
+        if r.input_size != x.shape[-1]:
+            return False
+    return True
+
+
+def _packed_weights(rnns: list[nn.RNNBase], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack the directions' weights (differentiably, so gradients reach every nn.LSTM parameter)."""
+    suffixes = ("", "_reverse") if rnns[0].bidirectional else ("",)
+    names = [(r, s) for r in rnns for s in suffixes]
+    w_ih = torch.cat([getattr(r, f"weight_ih_l0{s}") for r, s in names]).to(dtype)
+    w_hh = torch.stack([getattr(r, f"weight_hh_l0{s}") for r, s in names]).to(dtype)
+    acc = _acc_dtype(dtype)
+    if rnns[0].bias:
+        bias = torch.cat(
+            [getattr(r, f"bias_ih_l0{s}").to(acc) + getattr(r, f"bias_hh_l0{s}").to(acc) for r, s in names]
+        )
+    else:
+        bias = w_ih.new_zeros(w_ih.shape[0], dtype=acc)
+    return w_ih, bias, w_hh
+
+
+# Inference re-uses the packed weights: packing copies (and under autocast casts) every LSTM weight on each call.
+# Keyed weakly on the first module; a stamp of every parameter's storage and version counter invalidates it when
+# weights are replaced or changed in place (load_state_dict, optimizer steps, .to()).
+_pack_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached_packed_weights(rnns: list[nn.RNNBase], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    key = (tuple(id(r) for r in rnns), dtype)
+    stamp = tuple((p.data_ptr(), p._version) for r in rnns for p in r._flat_weights)
+    hit = _pack_cache.get(rnns[0], {}).get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable outside inference mode too
+        packed = _packed_weights(rnns, dtype)
+    _pack_cache.setdefault(rnns[0], {})[key] = (stamp, packed)
+    return packed
+
+
+def rnn2d_fused(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: str) -> Tensor | None:
+    """``rnn2d_reference(x, rnn_v, rnn_h, union)`` with the fused kernels, or None where they do not apply."""
+    rnns = [r for r in (rnn_v, rnn_h) if r is not None]
+    if not rnns or x.dim() != 4 or x.device.type != "cpu" or x.numel() == 0 or not _supported(rnns, x):
+        return None
+    dtype = _compute_dtype(x)
+    if dtype is None:
+        return None
+    dirs = 2 if rnns[0].bidirectional else 1
+    n_v = dirs if rnn_v is not None else 0
+    n_h = dirs if rnn_h is not None else 0
+    save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for r in rnns for p in r.parameters()))
+    if save or torch.compiler.is_compiling():  # differentiable packing; under compile it is part of the graph
+        w_ih, bias, w_hh = _packed_weights(rnns, dtype)
+    else:
+        w_ih, bias, w_hh = _cached_packed_weights(rnns, dtype)
+    out, _, _ = lstm2d(x.to(dtype).contiguous(), w_ih, bias, w_hh, n_v, n_h, save)
+    if n_v and n_h and union != "cat":  # the reference joins two axes by addition unless union == "cat"
+        half = out.shape[-1] // 2
+        out = out[..., :half] + out[..., half:]
+    return out

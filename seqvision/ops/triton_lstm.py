@@ -1,0 +1,284 @@
+"""GPU engine for BiLSTM2D: the LSTM recurrences of all directions of a block in one persistent Triton launch.
+
+Split of the work (issue 8):
+
+- torch does the large GEMMs: the input projections of every direction as one ``F.linear`` (weights of the
+  directions concatenated, ``b_ih + b_hh`` folded into its bias), and later the block's fc. Under AMP these run
+  in bf16/fp16 on tensor cores like any other linear layer, and autograd handles x, ``W_ih`` and the biases.
+- Triton does only the recurrence, ``seqvision::rnn2d_triton``: program (direction, tile of sequences) walks the
+  time steps, adds ``h_{t-1} @ W_hh^T`` (``tl.dot``) to the precomputed projection, applies the gate
+  nonlinearities and the cell update (fp32 cell state, whatever the input dtype) and writes ``h_t`` straight
+  into the B x H x W x (dirs * D) output, so no transposes or copies of the vertical direction are needed.
+- The backward kernel runs the same tiles in reverse time from the saved gate activations and fp32 cell
+  states and produces the gradient of the projections (``dgx``; torch's autograd turns it into dx, dW_ih, db).
+  ``dW_hh = sum_t dz_t^T h_{t-1}`` is then one torch GEMM per direction over all positions (tensor cores,
+  deterministic, no atomics; accumulating it in the kernel would not fit in registers at D = 96).
+
+Covered: nn.LSTM, one layer, batch_first, no projection, bidirectional or not, any union ("cat", "add",
+one axis only), bf16 / fp16 (fp32 cell state) and fp32; on a GPU hidden size <= 128 (<= 64 in fp32), which
+includes every Sequencer2D variant but sequencer2d_s_h2x's wider stages. Anything else (GRU, tanh RNN, two axes
+with different hidden sizes ...) returns None so the dispatcher falls back to cuDNN via nn.LSTM.
+
+Triton is imported lazily: a CPU-only install without triton imports seqvision fine. For CPU testing set
+``TRITON_INTERPRET=1`` (before triton is imported) and ``SEQVISION_TRITON_INTERPRET=1``; the kernels then run
+in Triton's interpreter on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Direction codes: bit 1 = axis (0 vertical: down the columns, 1 horizontal: along the rows), bit 0 = reversed.
+# Up to 4 directions are packed 2 bits each into one int kernel argument (``dir_codes``).
+V_FWD, V_BWD, H_FWD, H_BWD = 0, 1, 2, 3
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SEQVISION_TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install (e.g. no driver libraries)
+        return False
+    return True
+
+
+def available(x: Tensor) -> bool:
+    """Whether the Triton engine can run on ``x``: a CUDA tensor with triton installed, or (for testing on a
+    CPU-only machine) ``TRITON_INTERPRET=1`` and ``SEQVISION_TRITON_INTERPRET=1`` set in the environment."""
+    if x.is_cuda:
+        return _triton_importable()
+    return x.device.type == "cpu" and _interpret_requested() and _triton_importable()
+
+
+# -- Kernels ---------------------------------------------------------------------------------------------------
+@functools.cache
+def _kernels():
+    """``(triton, forward kernel, backward kernel)``, imported on first use so that this module never needs triton."""
+    import triton
+
+    from . import _triton_kernels as k
+
+    return triton, k.lstm2d_fwd_kernel, k.lstm2d_bwd_kernel
+
+
+# -- Launch configuration --------------------------------------------------------------------------------------
+def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Block sizes, warps and pipelining depth.
+
+    BLOCK_D is D padded to a power of two (tl.dot needs >= 16; Sequencer's D = 48 / 96 become 64 / 128). The
+    GPU values come from compiling for sm_90 without a GPU and reading ptxas's register/spill report (the
+    largest tile of sequences with no spills, 8 warps); they are not timed — tune them on a GPU. num_stages=1:
+    the time loop is serial, and deeper pipelining of the per-step loads only costs shared memory.
+    """
+    block_d = max(16, 1 << (D - 1).bit_length())
+    if device.type == "cpu":  # the interpreter: smallest legal tiles are the fastest to emulate
+        return dict(BLOCK_N=16, BLOCK_D=block_d, num_warps=1)
+    block_n = 32 if block_d <= 64 and dtype != torch.float32 else 16
+    return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8, num_stages=1)
+
+
+def _fits_gpu(D: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels fit one SM at this hidden size (W_hh is held on chip): sm_90 compiles need 136-148 KiB
+    of shared memory for 16-bit D <= 128, but over 227 KiB for fp32 at D > 64 or any dtype at D > 128."""
+    block_d = max(16, 1 << (D - 1).bit_length())
+    return block_d <= (64 if dtype == torch.float32 else 128)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (TF32 would break parity with the reference at 1e-5);
+    # 16-bit inputs: tensor-core products with fp32 accumulation.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast_dot(t: Tensor) -> bool:
+    # Triton's interpreter multiplies the raw bits of bf16 tensors in tl.dot; on a GPU the dot stays bf16.
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
+def _pack_dirs(dirs: list[int]) -> int:
+    code = 0
+    for k, d in enumerate(dirs):
+        code |= d << (2 * k)
+    return code
+
+
+def _check(gx: Tensor, w_hh: Tensor, dirs: list[int]) -> tuple[int, int, int, int, int]:
+    B, H, W, G = gx.shape
+    ndir, four_d, D = w_hh.shape
+    if not (1 <= ndir <= 4 and len(dirs) == ndir and four_d == 4 * D and G == ndir * 4 * D):
+        raise ValueError(f"rnn2d_triton: gx {tuple(gx.shape)}, w_hh {tuple(w_hh.shape)} and dirs {dirs} disagree")
+    return B, H, W, D, ndir
+
+
+# -- The recurrence as custom ops (one node for torch.compile / export, with autograd) -------------------------
+@torch.library.custom_op("seqvision::rnn2d_triton", mutates_args=())
+def rnn2d_triton_op(gx: Tensor, w_hh: Tensor, dirs: list[int], save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """LSTM recurrences over a B x H x W x (ndir*4D) map of input projections (biases included).
+
+    ``w_hh``: ndir x 4D x D, ``dirs``: a direction code per slice (V_FWD, V_BWD, H_FWD, H_BWD). Returns
+    ``(y, gates, c)``: y is B x H x W x (ndir*D) in gx's dtype; gate activations (like gx) and fp32 cell
+    states (like y) are saved for the backward when ``save`` (else empty).
+    """
+    B, H, W, D, ndir = _check(gx, w_hh, dirs)
+    gx = gx.contiguous()
+    w_hh = w_hh.to(gx.dtype).contiguous()
+    y = gx.new_empty(B, H, W, ndir * D)
+    gates = torch.empty_like(gx) if save else gx.new_empty(0)
+    c = gx.new_empty(B, H, W, ndir * D, dtype=torch.float32) if save else gx.new_empty(0, dtype=torch.float32)
+    if y.numel() == 0:
+        return y, gates, c
+    triton, fwd, _ = _kernels()
+    cfg = _config(D, gx.dtype, gx.device)
+    n_tiles = triton.cdiv(B * max(H, W), cfg["BLOCK_N"])
+    fwd[(ndir, n_tiles)](
+        gx,
+        w_hh,
+        y,
+        gates if save else gx,  # placeholders when not saving: SAVE=False never writes them
+        c if save else y,
+        B,
+        H,
+        W,
+        D,
+        NDIR=ndir,
+        dir_codes=_pack_dirs(dirs),
+        SAVE=save,
+        PRECISION=_precision(gx.dtype),
+        UPCAST_DOT=_upcast_dot(gx),
+        **cfg,
+    )
+    return y, gates, c
+
+
+@rnn2d_triton_op.register_fake
+def _(gx, w_hh, dirs, save):
+    B, H, W, D, ndir = _check(gx, w_hh, dirs)
+    y = gx.new_empty(B, H, W, ndir * D)
+    if not save:
+        return y, gx.new_empty(0), gx.new_empty(0, dtype=torch.float32)
+    return y, torch.empty_like(gx), gx.new_empty(B, H, W, ndir * D, dtype=torch.float32)
+
+
+@torch.library.custom_op("seqvision::rnn2d_triton_backward", mutates_args=())
+def rnn2d_triton_backward_op(
+    dy: Tensor, gates: Tensor, c: Tensor, y: Tensor, w_hh: Tensor, dirs: list[int]
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``rnn2d_triton`` with respect to gx and w_hh, from its saved gates, cell states and output."""
+    B, H, W, D, ndir = _check(gates, w_hh, dirs)
+    w_c = w_hh.to(gates.dtype).contiguous()
+    dgx = torch.empty_like(gates)
+    if dgx.numel() == 0:
+        return dgx, torch.zeros_like(w_hh)
+    triton, _, bwd = _kernels()
+    cfg = _config(D, gates.dtype, gates.device)
+    n_tiles = triton.cdiv(B * max(H, W), cfg["BLOCK_N"])
+    bwd[(ndir, n_tiles)](
+        dy.contiguous(),
+        gates.contiguous(),
+        c.contiguous(),
+        w_c,
+        dgx,
+        B,
+        H,
+        W,
+        D,
+        NDIR=ndir,
+        dir_codes=_pack_dirs(dirs),
+        PRECISION=_precision(gates.dtype),
+        UPCAST_DOT=_upcast_dot(gates),
+        **cfg,
+    )
+    # dW_hh[k] = sum over positions of dz_t^T h_{t-1}: one GEMM per direction with K = B*H*W (tensor cores,
+    # deterministic), h_{t-1} being y shifted by one step along the direction (zero at the sequence start).
+    dw = torch.empty_like(w_hh)
+    for k, code in enumerate(dirs):
+        dim, rev = (2 if code >> 1 else 1), code & 1
+        yk = y[..., k * D : (k + 1) * D]
+        T = yk.shape[dim]
+        h_prev = torch.zeros_like(yk)
+        if T > 1:
+            h_prev.narrow(dim, 1 - rev, T - 1).copy_(yk.narrow(dim, rev, T - 1))
+        dz = dgx[..., k * 4 * D : (k + 1) * 4 * D].reshape(-1, 4 * D)
+        dw[k] = (dz.t() @ h_prev.reshape(-1, D)).to(w_hh.dtype)
+    return dgx, dw
+
+
+@rnn2d_triton_backward_op.register_fake
+def _(dy, gates, c, y, w_hh, dirs):
+    return torch.empty_like(gates), torch.empty_like(w_hh)
+
+
+def _setup_context(ctx, inputs, output):
+    gx, w_hh, dirs, save = inputs
+    y, gates, c = output
+    if not save:  # the wrapper asks for saving whenever gradients are needed
+        raise RuntimeError("rnn2d_triton was called with save=False on inputs that require grad")
+    ctx.save_for_backward(gates, c, y, w_hh)
+    ctx.dirs = dirs
+    ctx.mark_non_differentiable(gates, c)
+
+
+def _backward(ctx, dy, _dgates, _dc):
+    gates, c, y, w_hh = ctx.saved_tensors
+    dgx, dw = rnn2d_triton_backward_op(dy, gates, c, y, w_hh, ctx.dirs)
+    return dgx, dw, None, None
+
+
+rnn2d_triton_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- Entry point used by the dispatcher ------------------------------------------------------------------------
+def _supported(rnn: nn.Module) -> bool:
+    return type(rnn) is nn.LSTM and rnn.num_layers == 1 and rnn.batch_first and rnn.proj_size == 0
+
+
+def rnn2d_triton(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: str) -> Tensor | None:
+    """BiLSTM2D token mixing (no fc) with the Triton recurrence; same contract as ``rnn2d_reference``.
+
+    Returns None where this engine does not cover the configuration (GRU / tanh RNN, several layers, projections,
+    two axes with different hidden sizes or directions, on a GPU hidden sizes over 128 (over 64 in fp32), or
+    ``available(x)`` is false); the caller then falls back to nn.LSTM (cuDNN on GPU).
+    """
+    rnns = [(axis, r) for axis, r in ((0, rnn_v), (1, rnn_h)) if r is not None]
+    if not rnns or not available(x) or x.dim() != 4 or not all(_supported(r) for _, r in rnns):
+        return None
+    first = rnns[0][1]
+    if any(r.hidden_size != first.hidden_size or r.bidirectional != first.bidirectional for _, r in rnns):
+        return None
+    if any(p.device != x.device for _, r in rnns for p in r._flat_weights):
+        return None
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if x.is_cuda and not _fits_gpu(first.hidden_size, dtype):
+        return None
+
+    # Direction slices in the output order [vertical fwd | vertical bwd | horizontal fwd | horizontal bwd].
+    dirs: list[int] = []
+    w_ih, bias, w_hh = [], [], []
+    for axis, r in rnns:
+        for rev in range(2 if r.bidirectional else 1):
+            sfx = "_reverse" if rev else ""
+            dirs.append(2 * axis + rev)
+            w_ih.append(getattr(r, f"weight_ih_l0{sfx}"))
+            w_hh.append(getattr(r, f"weight_hh_l0{sfx}"))
+            if r.bias:
+                bias.append(getattr(r, f"bias_ih_l0{sfx}") + getattr(r, f"bias_hh_l0{sfx}"))
+    # One GEMM for every direction's input projection, both biases folded in (autocast applies here).
+    gx = F.linear(x, torch.cat(w_ih), torch.cat(bias) if bias else None)
+    w = torch.stack(w_hh)
+    save = torch.is_grad_enabled() and (gx.requires_grad or w.requires_grad)
+    y = rnn2d_triton_op(gx, w, dirs, save)[0]
+
+    if len(rnns) == 2 and union != "cat":  # "add": v + h, each ndir/2 * D wide
+        half = y.shape[-1] // 2
+        return y[..., :half] + y[..., half:]
+    return y

@@ -1,0 +1,275 @@
+"""The fused CPU BiLSTM2D engine (seqvision.ops.fused) against the reference path.
+
+Tiny shapes throughout; the one-time C++ build (~30-60 s, cached afterwards) is not counted in the budget.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+from functorch.compile import make_boxed_func
+from torch import nn
+from torch._dynamo.backends.common import aot_autograd
+
+from seqvision import ops
+from seqvision.ops import fused
+from seqvision.ops.reference import rnn2d_reference
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine():
+    os.environ.pop("SEQVISION_NO_FUSED", None)
+    if not fused.available():
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip(f"no C++ compiler, the fused engine cannot be built: {fused.load_error()}")
+        pytest.fail(f"a compiler exists but the fused engine did not build: {fused.load_error()}")
+
+
+def make_rnns(C, D, union="cat", bidirectional=True, cell=nn.LSTM, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    rv = cell(C, D, batch_first=True, bidirectional=bidirectional).to(dtype) if union != "horizontal" else None
+    rh = cell(C, D, batch_first=True, bidirectional=bidirectional).to(dtype) if union != "vertical" else None
+    return rv, rh
+
+
+def params(rv, rh):
+    return [p for r in (rv, rh) if r is not None for p in r.parameters()]
+
+
+# B, H, W, C, D: non-square both ways, batch 1
+SHAPES = [(2, 5, 7, 6, 4), (1, 4, 4, 8, 5), (3, 6, 3, 5, 3), (1, 1, 9, 4, 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("union", ["cat", "add", "vertical", "horizontal"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_forward_matches_reference(shape, union, bidirectional):
+    B, H, W, C, D = shape
+    rv, rh = make_rnns(C, D, union, bidirectional)
+    x = torch.randn(B, H, W, C)
+    with torch.no_grad():
+        ref = rnn2d_reference(x, rv, rh, union)
+        out = fused.rnn2d_fused(x, rv, rh, union)
+    assert out is not None and out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_v,n_h", [(2, 2), (1, 1), (2, 0), (0, 1)])
+def test_gradcheck_float64(n_v, n_h):
+    torch.manual_seed(0)
+    B, H, W, C, D = 2, 3, 4, 3, 2
+    nd = n_v + n_h
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(B, H, W, C, **kw)
+    w_ih = (torch.randn(nd * 4 * D, C) * 0.5).to(torch.float64).requires_grad_()
+    bias = torch.randn(nd * 4 * D, **kw)
+    w_hh = (torch.randn(nd, 4 * D, D) * 0.5).to(torch.float64).requires_grad_()
+
+    def f(x, w_ih, bias, w_hh):
+        return fused.lstm2d(x, w_ih, bias, w_hh, n_v, n_h, True)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w_ih, bias, w_hh))
+
+
+@pytest.mark.parametrize("union", ["cat", "add"])
+def test_gradcheck_through_module_weights(union):
+    rv, rh = make_rnns(3, 2, union, dtype=torch.float64)
+    x = torch.randn(1, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    ps = params(rv, rh)
+
+    def f(x, *ws):
+        with torch.nn.utils.stateless._reparametrize_module(nn.ModuleList([rv, rh]), _named(rv, rh, ws)):
+            return fused.rnn2d_fused(x, rv, rh, union)
+
+    assert torch.autograd.gradcheck(f, (x, *[p.detach().requires_grad_() for p in ps]))
+
+
+def _named(rv, rh, ws):
+    names = [f"{i}.{n}" for i, r in enumerate((rv, rh)) for n, _ in r.named_parameters()]
+    return dict(zip(names, ws, strict=True))
+
+
+@pytest.mark.parametrize(
+    "shape,union,bidirectional",
+    [((2, 5, 7, 8, 6), "cat", True), ((1, 6, 4, 5, 4), "add", True), ((3, 4, 5, 6, 3), "cat", False)],
+)
+def test_grads_match_reference_fp32(shape, union, bidirectional):
+    B, H, W, C, D = shape
+    rv, rh = make_rnns(C, D, union, bidirectional)
+    x = torch.randn(B, H, W, C, requires_grad=True)
+    ps = params(rv, rh)
+    grads = []
+    for fn in (rnn2d_reference, fused.rnn2d_fused):
+        y = fn(x, rv, rh, union)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        grads.append(torch.autograd.grad((y * g).sum(), [x, *ps]))
+    for ref, got in zip(*grads, strict=True):
+        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_bf16_error_no_worse_than_reference():
+    B, H, W, C, D = 2, 8, 8, 32, 16
+    rv, rh = make_rnns(C, D)
+    x = torch.randn(B, H, W, C)
+    with torch.no_grad():
+        exact = rnn2d_reference(x, rv, rh, "cat")
+        rv16, rh16 = [nn.LSTM(C, D, batch_first=True, bidirectional=True) for _ in range(2)]
+        rv16.load_state_dict(rv.state_dict())
+        rh16.load_state_dict(rh.state_dict())
+        rv16, rh16 = rv16.bfloat16(), rh16.bfloat16()
+        ref_err = (rnn2d_reference(x.bfloat16(), rv16, rh16, "cat").float() - exact).abs().max()
+        out = fused.rnn2d_fused(x.bfloat16(), rv16, rh16, "cat")
+        assert out.dtype == torch.bfloat16
+        fused_err = (out.float() - exact).abs().max()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto_ref = rnn2d_reference(x, rv, rh, "cat")
+            auto = fused.rnn2d_fused(x, rv, rh, "cat")
+        assert auto.dtype == auto_ref.dtype == torch.bfloat16
+        auto_err = (auto.float() - exact).abs().max()
+        auto_ref_err = (auto_ref.float() - exact).abs().max()
+    assert fused_err <= ref_err * 1.05 + 1e-6, (fused_err, ref_err)
+    # timm's two bf16 modes are autocast and bf16 weights; where oneDNN lacks bf16 RNNs (no AVX512-BF16) the
+    # reference's autocast falls back to an fp32 recurrence, so the bar is the worse of the two modes.
+    assert auto_err <= max(auto_ref_err, ref_err) * 1.05 + 1e-6, (auto_err, auto_ref_err, ref_err)
+
+
+def test_bf16_training_grads():
+    rv, rh = make_rnns(8, 4)
+    x = torch.randn(2, 4, 5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused.rnn2d_fused(x, rv, rh, "cat")
+    y.float().square().sum().backward()
+    ref = torch.autograd.grad(rnn2d_reference(x, rv, rh, "cat").square().sum(), x)[0]
+    assert x.grad.dtype == torch.float32 and rv.weight_hh_l0.grad.dtype == torch.float32
+    assert (x.grad - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+class Mixer(nn.Module):
+    def __init__(self, C, D):
+        super().__init__()
+        self.rnn_v, self.rnn_h = make_rnns(C, D)
+        self.fc = nn.Linear(4 * D, C)
+
+    def forward(self, x):
+        return self.fc(ops.rnn2d(x, self.rnn_v, self.rnn_h, "cat"))
+
+
+def test_torch_compile_fullgraph_one_op():
+    torch._dynamo.reset()
+    m = Mixer(6, 4)
+    x = torch.randn(2, 5, 3, 6, requires_grad=True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g))(gm, example_inputs)
+
+    with ops.use_engine("fused"):
+        eager = m(x)
+        eager_grad = torch.autograd.grad(eager.sum(), x)[0]
+        compiled = torch.compile(m, fullgraph=True, backend=backend)
+        out = compiled(x)
+        grad = torch.autograd.grad(out.sum(), x)[0]
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("seqvision.lstm2d" in t for t in targets) == 1, targets
+    assert not any("lstm" in t and "seqvision" not in t for t in targets), targets
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(grad, eager_grad)
+
+
+def test_opcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5)
+    w_ih, bias, w_hh = torch.randn(4 * 12, 5), torch.randn(4 * 12), torch.randn(4, 12, 3)
+    for save in (False, True):
+        torch.library.opcheck(
+            fused.lstm2d, (x, w_ih, bias, w_hh, 2, 2, save), test_utils=("test_schema", "test_faketensor")
+        )
+
+
+def test_env_var_disables(monkeypatch):
+    rv, rh = make_rnns(4, 3)
+    x = torch.randn(1, 3, 3, 4)
+    monkeypatch.setenv("SEQVISION_NO_FUSED", "1")
+    assert not fused.available()
+    with torch.no_grad():
+        torch.testing.assert_close(ops.rnn2d(x, rv, rh, "cat"), rnn2d_reference(x, rv, rh, "cat"))
+    with ops.use_engine("fused"), pytest.raises(RuntimeError):
+        ops.rnn2d(x, rv, rh, "cat")
+    monkeypatch.delenv("SEQVISION_NO_FUSED")
+    assert fused.available()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (nn.GRU(4, 3, batch_first=True, bidirectional=True),) * 2,
+        lambda: (nn.RNN(4, 3, batch_first=True, bidirectional=True),) * 2,
+        lambda: (nn.LSTM(4, 3, batch_first=True, bidirectional=True, proj_size=2),) * 2,
+        lambda: (nn.LSTM(4, 3, num_layers=2, batch_first=True, bidirectional=True),) * 2,
+        lambda: (nn.LSTM(4, 3, batch_first=True), nn.LSTM(4, 3, batch_first=True, bidirectional=True)),
+    ],
+)
+def test_unsupported_config_returns_none(make):
+    rv, rh = make()
+    x = torch.randn(1, 3, 3, 4)
+    assert fused.rnn2d_fused(x, rv, rh, "cat") is None
+    with torch.no_grad():  # the dispatcher falls back to the reference path
+        torch.testing.assert_close(ops.rnn2d(x, rv, rh, "cat"), rnn2d_reference(x, rv, rh, "cat"))
+
+
+def test_unsupported_dtype_returns_none():
+    rv, rh = make_rnns(4, 3)
+    assert fused.rnn2d_fused(torch.randn(1, 3, 3, 4).half(), rv.half(), rh.half(), "cat") is None
+
+
+def test_build_failure_warns_once(monkeypatch):
+    monkeypatch.setattr(fused, "_ext", None)
+    monkeypatch.setattr(fused, "_load_error", None)
+    monkeypatch.setattr(fused, "_SOURCES", [fused._CSRC / "does_not_exist.cpp"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not fused.available()
+        assert not fused.available()
+    assert len([w for w in caught if "fused BiLSTM2D engine" in str(w.message)]) == 1
+    assert fused.load_error() is not None
+
+
+def test_inference_weight_cache_follows_weight_changes():
+    rv, rh = make_rnns(4, 3)
+    x = torch.randn(1, 3, 3, 4)
+    with torch.inference_mode():
+        before = fused.rnn2d_fused(x, rv, rh, "cat")
+    with torch.no_grad():
+        rv.weight_ih_l0.mul_(0.5)  # in place: the cached packed weights must be rebuilt
+        after = fused.rnn2d_fused(x, rv, rh, "cat")
+        torch.testing.assert_close(after, rnn2d_reference(x, rv, rh, "cat"), atol=1e-5, rtol=0)
+    assert not torch.allclose(before, after)
+
+
+def test_dispatcher_chooses_by_engine(monkeypatch):
+    """auto runs the reference path on CPU (the fused kernel measured slower there), fused runs the C++ kernel,
+    triton on a CPU tensor without the interpreter is refused with a clear error, unknown names are refused."""
+    rv, rh = make_rnns(4, 3)
+    x = torch.randn(1, 3, 2, 4)
+    called = []
+    real = fused.rnn2d_fused
+    monkeypatch.setattr(fused, "rnn2d_fused", lambda *a: called.append(1) or real(*a))
+    monkeypatch.delenv("SEQVISION_TRITON_INTERPRET", raising=False)
+    with torch.no_grad():
+        expected = rnn2d_reference(x, rv, rh, "cat")
+        with ops.use_engine("auto"):
+            torch.testing.assert_close(ops.rnn2d(x, rv, rh, "cat"), expected)
+        assert called == []
+        with ops.use_engine("fused"):
+            torch.testing.assert_close(ops.rnn2d(x, rv, rh, "cat"), expected, atol=1e-5, rtol=1e-5)
+        assert called == [1]
+        with ops.use_engine("triton"), pytest.raises(RuntimeError, match="triton BiLSTM2D engine is not available"):
+            ops.rnn2d(x, rv, rh, "cat")
+    with pytest.raises(ValueError, match="unknown engine"):
+        ops.set_engine("cudnn")

@@ -1,0 +1,326 @@
+"""The Triton BiLSTM2D engine (seqvision.ops.triton_lstm) against the reference nn.LSTM path.
+
+No GPU is needed: the kernels run in Triton's interpreter on CPU tensors. TRITON_INTERPRET must be set before
+triton is imported, and importing torch already imports triton, so the kernel checks run in one subprocess
+(this file run as a script with the variables set), which reports each check's outcome; every check is then its
+own pytest test. On a CUDA machine the same checks also run on the GPU (``test_cuda_*``).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+CHECKS: dict[str, Callable[[str], None]] = {}
+
+
+def check(fn: Callable[[str], None]) -> Callable[[str], None]:
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+# -- Helpers used inside the checks ----------------------------------------------------------------------------
+def _lstms(
+    C: int, D: int, v: bool = True, h: bool = True, bidirectional: bool = True, bias: bool = True
+) -> tuple[nn.LSTM | None, nn.LSTM | None]:
+    torch.manual_seed(0)
+    make = lambda: nn.LSTM(C, D, batch_first=True, bidirectional=bidirectional, bias=bias)
+    return (make() if v else None), (make() if h else None)
+
+
+def _params(*rnns: nn.Module | None) -> list[torch.Tensor]:
+    return [p for r in rnns if r is not None for p in r.parameters()]
+
+
+def _compare(shape, D, union="cat", device="cpu", atol=1e-5, rtol=1e-5, **kw) -> None:
+    """Forward and every gradient (x, W_ih, W_hh, b_ih, b_hh of each direction) vs the reference, fp32."""
+    from seqvision.ops.reference import rnn2d_reference
+    from seqvision.ops.triton_lstm import rnn2d_triton
+
+    rv, rh = _lstms(shape[-1], D, **kw)
+    rv, rh = (r.to(device) if r is not None else None for r in (rv, rh))
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    y = rnn2d_triton(x, rv, rh, union)
+    assert y is not None, "configuration unexpectedly not covered"
+    ref = rnn2d_reference(x, rv, rh, union)
+    torch.testing.assert_close(y, ref, atol=atol, rtol=rtol)
+    with torch.no_grad():  # the inference path (nothing saved for the backward) gives the same output
+        torch.testing.assert_close(rnn2d_triton(x, rv, rh, union), y, atol=0, rtol=0)
+
+    grad = torch.randn_like(ref)
+    inputs = [x, *_params(rv, rh)]
+    got = torch.autograd.grad(y, inputs, grad)
+    want = torch.autograd.grad(ref, inputs, grad)
+    names = ["x"] + [n for r in (rv, rh) if r is not None for n, _ in r.named_parameters()]
+    for name, g, w in zip(names, got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=atol, rtol=10 * rtol, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+# -- Checks (run in the interpreter subprocess; each takes the device to run on) -------------------------------
+@check
+def forward_backward_fp32(device: str) -> None:
+    # H != W, two tiles of 16 sequences for the vertical axis (B*W = 21), one busy + one idle tile horizontally.
+    _compare((3, 5, 7, 8), D=6, device=device)
+
+
+@check
+def batch_one_and_hidden_padding(device: str) -> None:
+    _compare((1, 4, 2, 5), D=20, device=device)  # D = 20 is padded to 32 inside the kernel
+
+
+@check
+def hidden_exactly_a_block(device: str) -> None:
+    _compare((2, 3, 2, 4), D=16, device=device)
+
+
+@check
+def gpu_block_configs(device: str) -> None:
+    """The GPU launch configurations (wider tiles) run in the interpreter too, at Sequencer2D's hidden sizes."""
+    from seqvision.ops import triton_lstm
+
+    original = triton_lstm._config
+    triton_lstm._config = lambda D, dtype, _device: original(D, dtype, torch.device("cuda"))
+    try:
+        for D in (48, 96):
+            cfg = triton_lstm._config(D, torch.float16, torch.device(device))
+            assert cfg["BLOCK_N"] >= 16 and cfg["BLOCK_D"] >= D, cfg
+            if device == "cuda" and not triton_lstm._fits_gpu(D, torch.float32):  # fp32 D = 96: cuDNN's job
+                rnn = nn.LSTM(8, D, batch_first=True, bidirectional=True).to(device)
+                assert triton_lstm.rnn2d_triton(torch.randn(1, 3, 2, 8, device=device), rnn, rnn, "cat") is None
+                continue
+            _compare((1, 3, 2, 8), D=D, device=device, atol=2e-5)
+    finally:
+        triton_lstm._config = original
+
+
+@check
+def union_add(device: str) -> None:
+    _compare((2, 3, 4, 6), D=5, union="add", device=device)
+
+
+@check
+def unidirectional_cat_and_add(device: str) -> None:
+    _compare((2, 3, 4, 6), D=5, union="cat", bidirectional=False, device=device)
+    _compare((2, 3, 4, 6), D=5, union="add", bidirectional=False, device=device)
+
+
+@check
+def single_axis(device: str) -> None:
+    _compare((2, 3, 4, 6), D=5, union="vertical", h=False, device=device)
+    _compare((2, 3, 4, 6), D=5, union="horizontal", v=False, device=device)
+    _compare((2, 1, 12, 6), D=5, union="horizontal", v=False, device=device)  # BiLSTM1D's call: H = 1
+
+
+@check
+def without_bias(device: str) -> None:
+    _compare((2, 3, 4, 6), D=5, bias=False, device=device)
+
+
+@check
+def bf16_autocast_fp32_cell(device: str) -> None:
+    from seqvision.ops.reference import rnn2d_reference
+    from seqvision.ops.triton_lstm import rnn2d_triton, rnn2d_triton_op
+
+    rv, rh = (r.to(device) for r in _lstms(8, 6))
+    x = torch.randn(2, 5, 3, 8, device=device, requires_grad=True)
+    ref = rnn2d_reference(x, rv, rh, "cat")  # fp32 ground truth
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = rnn2d_triton(x, rv, rh, "cat")
+    assert y.dtype == torch.bfloat16
+    err = (y.float() - ref).abs().max().item()
+    assert err < 2e-2, f"bf16 forward error {err}"
+    assert err > 0, "bf16 output identical to fp32: the bf16 path was not taken"
+
+    grad = torch.randn_like(ref)
+    inputs = [x, *_params(rv, rh)]
+    got = torch.autograd.grad(y, inputs, grad.bfloat16())
+    want = torch.autograd.grad(ref, inputs, grad)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == torch.float32  # parameters keep their dtype under autocast
+        rel = ((g - w).abs().max() / w.abs().max()).item()
+        assert rel < 5e-2, f"bf16 gradient relative error {rel}"
+
+    # The cell state the op saves is fp32 whatever the input dtype.
+    gx = torch.randn(1, 2, 3, 16 * 4, device=device, dtype=torch.bfloat16)
+    out, gates, c = rnn2d_triton_op(gx, torch.randn(4, 16, 4, device=device), [0, 1, 2, 3], True)
+    assert out.dtype == gates.dtype == torch.bfloat16 and c.dtype == torch.float32
+
+
+@check
+def half_modules(device: str) -> None:
+    from seqvision.ops.reference import rnn2d_reference
+    from seqvision.ops.triton_lstm import rnn2d_triton
+
+    rv, rh = (r.to(device) for r in _lstms(8, 6))
+    x = torch.randn(2, 3, 5, 8, device=device)
+    ref = rnn2d_reference(x, rv, rh, "cat")
+    y = rnn2d_triton(x.half(), copy.deepcopy(rv).half(), copy.deepcopy(rh).half(), "cat")
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), ref, atol=3e-3, rtol=0)
+
+
+@check
+def uncovered_configurations_return_none(device: str) -> None:
+    from seqvision.ops.triton_lstm import available, rnn2d_triton
+
+    x = torch.randn(1, 2, 3, 4, device=device)
+    assert available(x)
+    lstm = lambda d=3, **kw: nn.LSTM(4, d, batch_first=True, bidirectional=True, **kw).to(device)
+    gru = nn.GRU(4, 3, batch_first=True, bidirectional=True).to(device)
+    rnn = nn.RNN(4, 3, batch_first=True, bidirectional=True).to(device)
+    assert rnn2d_triton(x, gru, gru, "cat") is None
+    assert rnn2d_triton(x, rnn, None, "vertical") is None
+    assert rnn2d_triton(x, lstm(num_layers=2), lstm(num_layers=2), "cat") is None
+    assert rnn2d_triton(x, lstm(proj_size=2), lstm(proj_size=2), "cat") is None
+    assert rnn2d_triton(x, lstm(3), lstm(5), "cat") is None  # axes with different hidden sizes
+    assert rnn2d_triton(x, lstm(), lstm(), "cat") is not None
+
+
+@check
+def custom_op_registration(device: str) -> None:
+    from seqvision.ops.triton_lstm import rnn2d_triton_backward_op, rnn2d_triton_op
+
+    torch.manual_seed(0)
+    gx = torch.randn(2, 3, 2, 4 * 4 * 5, device=device, requires_grad=True)
+    w = (0.3 * torch.randn(4, 4 * 5, 5, device=device)).requires_grad_()
+    torch.library.opcheck(rnn2d_triton_op, (gx, w, [0, 1, 2, 3], True))
+    y, gates, c = rnn2d_triton_op(gx, w, [0, 1, 2, 3], True)
+    args = (torch.randn_like(y), gates.detach(), c.detach(), y.detach(), w.detach(), [0, 1, 2, 3])
+    torch.library.opcheck(rnn2d_triton_backward_op, args)
+
+
+@check
+def compiles_as_one_op(device: str) -> None:
+    from seqvision.ops.triton_lstm import rnn2d_triton
+
+    rv, rh = (r.to(device) for r in _lstms(6, 5))
+    x = torch.randn(2, 3, 4, 6, device=device, requires_grad=True)
+    fn = torch.compile(lambda t: rnn2d_triton(t, rv, rh, "cat"), backend="aot_eager", fullgraph=True)
+    y = fn(x)
+    y_eager = rnn2d_triton(x, rv, rh, "cat")
+    torch.testing.assert_close(y, y_eager, atol=0, rtol=0)
+    g = torch.randn_like(y)
+    inputs = [x, rv.weight_hh_l0, rh.weight_ih_l0_reverse]
+    for a, b in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(y_eager, inputs, g), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@check
+def tiny_sequencer_end_to_end(device: str) -> None:
+    """A whole Sequencer2D with its token mixing routed through the Triton engine, logits and grads vs reference."""
+    from seqvision import ops
+    from seqvision.models.sequencer import Sequencer
+    from seqvision.ops.triton_lstm import rnn2d_triton
+
+    torch.manual_seed(0)
+    model = Sequencer((1, 1), (2, 1), (8, 8), (4, 4), num_classes=5, img_size=8).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    x = torch.randn(2, 3, 8, 6, device=device)
+    with ops.use_engine("reference"):
+        ref = model(x)
+        ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+
+    calls = []
+    original = ops.rnn2d
+
+    def via_triton(x, rnn_v, rnn_h, union):
+        calls.append(1)
+        out = rnn2d_triton(x, rnn_v, rnn_h, union)
+        assert out is not None
+        return out
+
+    ops.rnn2d = via_triton
+    try:
+        out = model(x)
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    finally:
+        ops.rnn2d = original
+    assert len(calls) == 2, "the model did not call seqvision.ops.rnn2d once per block"
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+# -- pytest side ------------------------------------------------------------------------------------------------
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, str | None]:
+    """Run every check once in the Triton interpreter (one subprocess); name -> None (passed) or the failure."""
+    if not _HAS_TRITON:
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "SEQVISION_TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__, "cpu"], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        output = proc.stdout[-3000:] + proc.stderr[-3000:]
+        pytest.fail(f"interpreter subprocess failed (rc {proc.returncode}):\n{output}")
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_interpreted(interpreted: dict[str, str | None], name: str) -> None:
+    assert name in interpreted, f"check {name} did not run"
+    if interpreted[name] is not None:
+        pytest.fail(f"{name} failed in the Triton interpreter:\n{interpreted[name]}", pytrace=False)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _HAS_TRITON), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_cuda(name: str) -> None:
+    if name == "bf16_autocast_fp32_cell" and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    CHECKS[name]("cuda")
+
+
+def test_cpu_without_interpreter_is_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    from seqvision.ops.triton_lstm import available, rnn2d_triton
+
+    monkeypatch.delenv("SEQVISION_TRITON_INTERPRET", raising=False)
+    x = torch.randn(1, 2, 2, 4)
+    lstm = nn.LSTM(4, 3, batch_first=True, bidirectional=True)
+    assert not available(x)
+    assert rnn2d_triton(x, lstm, lstm, "cat") is None
+
+
+def test_imports_without_triton() -> None:
+    """A CPU-only install without triton still imports seqvision and its ops; the engine just declines."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, seqvision, seqvision.ops\n"
+        "from seqvision.ops import triton_lstm as t\n"
+        "x = torch.zeros(1, 2, 2, 4)\n"
+        "lstm = torch.nn.LSTM(4, 3, batch_first=True, bidirectional=True)\n"
+        "assert not t.available(x) and t.rnn2d_triton(x, lstm, lstm, 'cat') is None\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "SEQVISION_TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+if __name__ == "__main__":  # the interpreter subprocess: run every check, report as one JSON line
+    torch.set_num_threads(1)
+    results: dict[str, str | None] = {}
+    for check_name, fn in CHECKS.items():
+        try:
+            fn(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+            results[check_name] = None
+        except Exception:
+            results[check_name] = traceback.format_exc()
+    print(json.dumps(results))
