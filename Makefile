@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/seqvision info sequencer2d_s
+	$(BIN)/seqvision demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -22,6 +22,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("seqvision.cli", "convert a checkpoint between the authors', timm's and seqvision's formats"),
     "predict": ("seqvision.predict", "classify image files, directories or glob patterns with a trained model"),
     "export": ("seqvision.export", "export to ONNX or torch.export with dynamic batch/height/width, checked"),
+    "demo": ("seqvision.demo", "train a small Sequencer2D on the built-in digits, then predict with it"),
+    "train": ("seqvision.train", "train or fine-tune with the paper's recipes (configs/), one process or torchrun"),
+    "validate": ("seqvision.evaluate", "top-1/top-5, loss, per-class accuracy and confusion matrix of a checkpoint"),
+    "resolution-sweep": ("seqvision.analysis.resolution", "accuracy against input size (resolution adaptability)"),
+    "robustness": ("seqvision.analysis.robustness", "ImageNet-C mCE, ImageNet-A/-R/-Sketch style evaluations"),
+    "adversarial": ("seqvision.analysis.adversarial", "robust accuracy under FGSM and L-inf PGD attacks"),
+    "erf": ("seqvision.analysis.erf", "effective receptive field heat-maps per layer, seqvision or timm models"),
+    "bench": ("seqvision.benchmark", "CPU/GPU speed and memory: seqvision engines vs timm and convnext_tiny"),
 }
 
 

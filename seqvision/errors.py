@@ -18,3 +18,7 @@ class UnknownModelError(UserError, KeyError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable, or made for another model."""
+
+
+class DataError(UserError, ValueError):
+    """A data set that is missing, empty, laid out wrongly, or holds unreadable images."""

@@ -1,0 +1,251 @@
+"""``seqvision adversarial``: robust accuracy under FGSM and L-inf PGD attacks.
+
+The attacks work on images in [0, 1] pixel space, with the model's normalisation moved inside the model
+(``Normalized``), so ``eps`` is in pixel units: the reference setting is eps = 1/255 and PGD with 5 steps
+of 0.5/255 (the Sequencer authors' robustness evaluation). Adversarial images are clipped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import ItemDataset
+from ..errors import UserError
+from ..evaluate import (
+    add_model_args,
+    autocast,
+    eval_data_config,
+    eval_transform,
+    format_table,
+    iterate_batches,
+    load_any_model,
+    make_loader,
+    num_outputs,
+    open_data,
+    output_dir,
+    pick_device,
+    remap,
+    report_skipped,
+    target_mapping,
+    write_csv,
+    write_json,
+)
+
+DEFAULT_EPS = 1 / 255
+DEFAULT_STEPS = 5
+DEFAULT_STEP_SIZE = 0.5 / 255
+ATTACKS = ("fgsm", "pgd")
+
+
+class Normalized(nn.Module):
+    """``model((x - mean) / std)``: a model that takes [0, 1] images, so attacks perturb pixels."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+@contextlib.contextmanager
+def rnn_grad_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Let gradients flow through RNNs of a model in eval mode.
+
+    cuDNN computes RNN backward only in training mode. Switching the RNN modules (and only them) to
+    training mode changes nothing else for dropout-free RNNs, which is every Sequencer; RNNs with dropout
+    are left alone and cuDNN is turned off instead.
+    """
+    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    switch = [m for m in rnns if m.dropout == 0 and not m.training]
+    no_cudnn = any(m.dropout > 0 for m in rnns)
+    for m in switch:
+        m.train()
+    try:
+        with torch.backends.cudnn.flags(enabled=False) if no_cudnn else contextlib.nullcontext():
+            yield model
+    finally:
+        for m in switch:
+            m.eval()
+
+
+def _loss_grad(model: nn.Module, x: Tensor, y: Tensor, amp: bool) -> Tensor:
+    x = x.detach().requires_grad_(True)
+    with autocast(x.device, amp):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float = DEFAULT_EPS, amp: bool = False) -> Tensor:
+    """Fast gradient sign method (Goodfellow et al., 2015): one step of ``eps`` along sign(grad loss)."""
+    with rnn_grad_mode(model):
+        grad = _loss_grad(model, x, y, amp)
+    return (x + eps * grad.sign()).clamp(0, 1).detach()
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float = DEFAULT_EPS,
+    steps: int = DEFAULT_STEPS,
+    step_size: float = DEFAULT_STEP_SIZE,
+    random_start: bool = False,
+    generator: torch.Generator | None = None,
+    amp: bool = False,
+) -> Tensor:
+    """L-inf projected gradient descent (Madry et al., 2018): ``steps`` signed-gradient steps of
+    ``step_size``, each projected back into the eps-ball around ``x`` and into [0, 1]."""
+    x = x.detach()
+    adv = x.clone()
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device) * 2 - 1
+        adv = (x + eps * noise).clamp(0, 1)
+    with rnn_grad_mode(model):
+        for _ in range(steps):
+            grad = _loss_grad(model, adv, y, amp)
+            adv = adv.detach() + step_size * grad.sign()
+            adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
+    return adv.detach()
+
+
+def robust_accuracy(
+    model: nn.Module,
+    loader: Iterable,
+    device: str | torch.device = "cpu",
+    eps: float = DEFAULT_EPS,
+    steps: int = DEFAULT_STEPS,
+    step_size: float = DEFAULT_STEP_SIZE,
+    attacks: Sequence[str] = ATTACKS,
+    random_start: bool = False,
+    amp: bool = False,
+    on_error: str = "skip",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Clean and attacked top-1 accuracy (percent) of a model taking [0, 1] images, plus how many
+    predictions each attack changed."""
+    device = torch.device(device)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    n = 0
+    correct = dict.fromkeys(("clean", *attacks), 0)
+    flipped = dict.fromkeys(attacks, 0)
+    max_linf = dict.fromkeys(attacks, 0.0)
+    skipped: list[str] = []
+    for x, y in iterate_batches(loader, on_error, skipped):
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad(), autocast(device, amp):
+            clean = model(x).argmax(1)
+        correct["clean"] += int((clean == y).sum())
+        for name in attacks:
+            if name == "fgsm":
+                adv = fgsm(model, x, y, eps, amp)
+            else:
+                adv = pgd(model, x, y, eps, steps, step_size, random_start, gen, amp)
+            max_linf[name] = max(max_linf[name], float((adv - x).abs().max()))
+            with torch.no_grad(), autocast(device, amp):
+                pred = model(adv).argmax(1)
+            correct[name] += int((pred == y).sum())
+            flipped[name] += int((pred != clean).sum())
+        n += len(y)
+    if n == 0:
+        raise UserError("no image could be evaluated" + (f" ({len(skipped)} unreadable)" if skipped else ""))
+    return dict(
+        images=n,
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        random_start=random_start,
+        accuracy={k: 100.0 * v / n for k, v in correct.items()},
+        changed_predictions=flipped,
+        max_linf=max_linf,
+        skipped=skipped,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=(
+            "Robust accuracy under FGSM and L-inf PGD, with the normalisation inside the model so eps is "
+            "in pixel units (default: eps 1/255, PGD 5 steps of 0.5/255). Writes adversarial.json/.csv."
+        ),
+        epilog=(
+            "examples:\n"
+            "  seqvision adversarial --checkpoint runs/digits/best.pth --data-dir digits\n"
+            "  seqvision adversarial --model sequencer2d_s --pretrained --data-dir imagenet/val --eps 4 --steps 10"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(p)
+    p.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
+    p.add_argument("--eps", type=float, default=1.0, help="L-inf radius in units of 1/255 (default 1)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="PGD iterations (default 5)")
+    p.add_argument("--step-size", type=float, default=0.5, help="PGD step in units of 1/255 (default 0.5)")
+    p.add_argument("--random-start", action="store_true", help="start PGD at a uniform point of the eps-ball")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    loaded = load_any_model(args.model, args.checkpoint, device, args.pretrained)
+    cfg = eval_data_config(loaded, args.img_size, args.crop_pct, args.interpolation)
+    data = open_data(args.data_dir, args.split, args.max_images)
+    mapping, _ = target_mapping(data.class_names, loaded.class_names, num_outputs(loaded.model))
+    items = remap(data, mapping)
+    ds = ItemDataset(items, eval_transform(cfg, normalize=False))
+    model = Normalized(loaded.model, cfg["mean"], cfg["std"]).to(device).eval()
+    res = robust_accuracy(
+        model,
+        make_loader(ds, args.batch_size, args.workers),
+        device,
+        args.eps / 255,
+        args.steps,
+        args.step_size / 255,
+        args.attacks,
+        args.random_start,
+        args.amp,
+        args.on_error,
+        args.seed,
+    )
+    report_skipped(res["skipped"])
+    rows = [
+        dict(
+            attack="none" if k == "clean" else k,
+            eps_255=0.0 if k == "clean" else args.eps,
+            steps=0 if k == "clean" else (1 if k == "fgsm" else args.steps),
+            top1=v,
+            changed_predictions=res["changed_predictions"].get(k, 0),
+        )
+        for k, v in res["accuracy"].items()
+    ]
+    out = output_dir(args, "adversarial")
+    summary = dict(
+        model=loaded.name,
+        checkpoint=args.checkpoint,
+        data=data.source,
+        input_size=cfg["input_size"][-1],
+        **{k: v for k, v in res.items() if k != "skipped"},
+        skipped_images=res["skipped"],
+    )
+    files = [write_json(out / "adversarial.json", summary), write_csv(out / "adversarial.csv", rows)]
+    print(f"{loaded.name} on {data.source}: {res['images']} images, eps {args.eps}/255")
+    print(
+        format_table(
+            ["attack", "steps", "top-1 %", "predictions changed"],
+            [[r["attack"], r["steps"], r["top1"], r["changed_predictions"]] for r in rows],
+        )
+    )
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0

@@ -1,0 +1,416 @@
+"""seqvision train: recipes and overrides, a digits run and its records, exact resumption after SIGKILL,
+atomic checkpoints, the NaN stop, data errors, fine-tuning to another class count, DDP with two processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _helpers import make_tree, run_train, subprocess_env, tiny_set_args
+
+from seqvision.errors import DataError, UserError
+from seqvision.train import (
+    BASE,
+    DIGITS,
+    ConfigError,
+    DivergedError,
+    Trainer,
+    build_parser,
+    config_from_args,
+    load_recipe,
+    main,
+    recipe_paths,
+    resolve_config,
+    scaled_lr,
+    train,
+)
+
+TIMING = ("epoch_seconds", "img_per_s")
+
+
+def tiny_cfg(out: Path, *argv: str, **extra) -> dict:
+    args = build_parser().parse_args(["--output", str(out), *argv, *tiny_set_args(**extra)])
+    return config_from_args(args)[0]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "run"
+    summary = train(tiny_cfg(out, epochs=3, tensorboard=True), "digits")
+    return out, summary
+
+
+# -- configuration ----------------------------------------------------------------------------------------
+def test_help_works():
+    text = build_parser().format_help()
+    assert "examples:" in text and "--resume" in text and "torchrun" in text
+    r = subprocess.run([sys.executable, "-m", "seqvision.train", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage:" in r.stdout
+    from seqvision.demo import build_parser as demo_parser
+
+    assert "--skip-train" in demo_parser().format_help()
+
+
+def test_recipes_load_with_the_papers_values():
+    names = set(recipe_paths())
+    assert {
+        "digits",
+        "imagenet_s",
+        "imagenet_m",
+        "imagenet_l",
+        "imagenet_l_392",
+        "cifar10",
+        "cifar100",
+        "flowers102",
+        "stanford_cars",
+    } <= names
+    cfgs = {n: resolve_config(load_recipe(n)) for n in names}
+    s = cfgs["imagenet_s"]
+    assert (s["lr"], s["lr_base_batch"], s["epochs"], s["cooldown_epochs"], s["warmup_epochs"]) == (
+        2e-3,
+        2048,
+        300,
+        10,
+        20,
+    )
+    assert (s["aa"], s["reprob"], s["mixup"], s["cutmix"], s["smoothing"]) == (
+        "rand-m9-mstd0.5-inc1",
+        0.25,
+        0.8,
+        1.0,
+        0.1,
+    )
+    assert (s["weight_decay"], s["drop_path"], s["min_lr"], s["warmup_lr"], s["clip_grad"]) == (
+        0.05,
+        0.1,
+        1e-6,
+        1e-6,
+        None,
+    )
+    assert cfgs["imagenet_m"]["model"] == "sequencer2d_m" and cfgs["imagenet_m"]["lr"] == 2e-3
+    assert cfgs["imagenet_l"]["model"] == "sequencer2d_l"
+    f = cfgs["imagenet_l_392"]
+    assert (f["img_size"], f["lr"], f["lr_base_batch"], f["epochs"], f["warmup_epochs"]) == (392, 5e-5, 512, 30, 0)
+    assert (f["weight_decay"], f["drop_path"], f["crop_pct"], f["pretrained"]) == (1e-8, 0.4, 1.0, True)
+    for name, classes in (
+        ("cifar10", "cifar10"),
+        ("cifar100", "cifar100"),
+        ("flowers102", "flowers102"),
+        ("stanford_cars", "stanford_cars"),
+    ):
+        t = cfgs[name]
+        assert t["dataset"] == classes and t["pretrained"]
+        assert (t["lr"], t["lr_base_batch"], t["weight_decay"], t["clip_grad"], t["reprob"]) == (
+            1e-4,
+            512,
+            1e-4,
+            1.0,
+            0.0,
+        )
+        assert (t["epochs"], t["cooldown_epochs"], t["warmup_epochs"], t["mixup"], t["cutmix"]) == (
+            200,
+            10,
+            5,
+            0.8,
+            1.0,
+        )
+        assert t["img_size"] == 224 and t["aa"] == "rand-m9-mstd0.5-inc1"
+
+
+def test_digits_yaml_is_the_builtin_default():
+    assert load_recipe(str(recipe_paths()["digits"])) == DIGITS
+    cfg, name = config_from_args(build_parser().parse_args([]))
+    assert name == "digits" and cfg["dataset"] == "digits" and cfg["model_kwargs"] == DIGITS["model_kwargs"]
+
+
+def test_command_line_overrides_apply():
+    argv = [
+        "-c",
+        "imagenet_s",
+        "--epochs",
+        "5",
+        "--batch-size",
+        "16",
+        "--set",
+        "lr=1e-3",
+        "--set",
+        "aa=null",
+        "--set",
+        "model_kwargs.layers=[2,2,2,2]",
+        "--no-amp",
+        "--data-dir",
+        "/data/x",
+    ]
+    cfg, name = config_from_args(build_parser().parse_args(argv))
+    assert name == "imagenet_s"
+    assert (cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["aa"], cfg["amp"]) == (5, 16, 1e-3, None, False)
+    assert cfg["model_kwargs"] == {"layers": [2, 2, 2, 2]} and cfg["data_dir"] == "/data/x"
+    assert cfg["mixup"] == 0.8  # untouched keys keep the recipe's value
+    cfg, _ = config_from_args(build_parser().parse_args(["--data-dir", "/d"]))
+    assert cfg["dataset"] == "folder"  # --data-dir alone means an ImageFolder tree
+    with pytest.raises(ConfigError, match="did you mean epochs"):
+        config_from_args(build_parser().parse_args(["--set", "epoch=3"]))
+    with pytest.raises(ConfigError, match="must be an integer"):
+        config_from_args(build_parser().parse_args(["--set", "batch_size=big"]))
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        config_from_args(build_parser().parse_args(["--set", "lr"]))
+    with pytest.raises(ConfigError, match="no recipe"):
+        load_recipe("imagenet_xxl")
+
+
+def test_print_config(capsys):
+    assert main(["--epochs", "7", "--print-config"]) == 0
+    assert "epochs: 7" in capsys.readouterr().out
+
+
+def test_linear_lr_scaling():
+    cfg = dict(BASE, lr=2e-3, lr_base_batch=2048, batch_size=128, accum_steps=2)
+    assert scaled_lr(cfg, world_size=4) == (pytest.approx(1e-3), 1024)
+    assert scaled_lr(dict(cfg, lr_scaling="none"), world_size=4) == (2e-3, 1024)
+
+
+# -- a run and what it leaves behind ----------------------------------------------------------------------
+def test_digits_run_learns_and_records(digits_run):
+    out, summary = digits_run
+    rows = read_csv(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert float(rows[-1]["top1"]) > 25, rows[-1]  # chance is 10 %
+    assert summary["best_top1"] == max(float(r["top1"]) for r in rows)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["parameters"] == summary["parameters"] > 0 and saved["epochs"] == 3
+    assert saved["updates_per_rank"] == [3 * (1437 // 32)]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    log = (out / "log.txt").read_text()
+    assert "lr 0.005 is for a global batch of 32" in log and "-> lr 0.005 (linear scaling)" in log
+
+
+def test_checkpoint_is_safe_to_load_and_complete(digits_run):
+    from seqvision.inference import load_model
+    from seqvision.models import create_model
+    from seqvision.weights import load_weights
+
+    out, _ = digits_run
+    state = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "rng", "config", "class_names", "data_config", "history"):
+        assert key in state, key
+    assert state["epoch"] == 3 and state["step"] == 0 and state["class_names"] == [str(i) for i in range(10)]
+    assert isinstance(state["rng"]["torch"], torch.Tensor) and isinstance(state["rng"]["python"][1], list)
+    model = create_model("sequencer2d_s", num_classes=10, **state["model_kwargs"])
+    load_weights(model, out / "best.pth")
+    loaded = load_model(out / "best.pth")  # what predict / validate do: rebuilt from the file alone
+    assert loaded.class_names == state["class_names"] and loaded.data_config["input_size"] == (3, 16, 16)
+
+
+def test_engine_options_run(tmp_path):
+    """bf16 autocast, accumulation over 3 batches, clipping, gradient checkpointing and EMA together."""
+    summary = train(
+        tiny_cfg(
+            tmp_path / "r",
+            epochs=1,
+            amp=True,
+            accum_steps=3,
+            clip_grad=1.0,
+            grad_checkpointing=True,
+            model_ema=True,
+            model_ema_decay=0.9,
+        )
+    )
+    assert summary["updates_per_rank"] == [math.ceil((1437 // 32) / 3)]
+    row = read_csv(tmp_path / "r" / "metrics.csv")[0]
+    assert math.isfinite(float(row["train_loss"])) and "ema_top1" in row
+    assert "model_ema" in torch.load(tmp_path / "r" / "last.pth", weights_only=True)
+
+
+def test_existing_run_is_not_overwritten(digits_run):
+    out, _ = digits_run
+    with pytest.raises(ConfigError, match="--resume"):
+        train(tiny_cfg(out))
+
+
+# -- checkpoints: atomic, NaN stop, exact resume ----------------------------------------------------------
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    fake = SimpleNamespace(out=tmp_path)
+    Trainer.save(fake, {"w": torch.ones(3)}, "last.pth")
+    before = (tmp_path / "last.pth").read_bytes()
+
+    def crash_half_way(self, data):  # a crash (kill, full disk) in the middle of writing
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", crash_half_way)
+    with pytest.raises(OSError):
+        Trainer.save(fake, {"w": torch.zeros(10_000)}, "last.pth")
+    assert (tmp_path / "last.pth").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temp file left behind
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    build = Trainer.build
+
+    def build_with_nan(self):  # the loss turns NaN a few batches into epoch 2
+        build(self)
+        real, calls = self.train_loss, [0]
+
+        def loss(logits, target):
+            calls[0] += 1
+            value = real(logits, target)
+            return value * float("nan") if calls[0] > self.batches_per_epoch + 3 else value
+
+        self.train_loss = loss
+
+    monkeypatch.setattr(Trainer, "build", build_with_nan)
+    out = tmp_path / "r"
+    with pytest.raises(DivergedError, match="nan at epoch 2, batch 4") as e:
+        train(tiny_cfg(out, save_every_steps=2))
+    assert "last good checkpoint" in str(e.value) and "\n" not in str(e.value)
+    state = torch.load(out / "last.pth", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2)  # the mid-epoch save before the NaN batch
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (out / "summary.json").exists()
+    # the command line reports it as one line
+    rc = main(["--output", str(tmp_path / "r2"), *tiny_set_args()])
+    assert rc == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(tmp_path):
+    # drop-path (torch RNG), mixup (numpy RNG) and RandAugment (per-sample seeds) all take part
+    extra = dict(epochs=3, save_every_steps=7, drop_path=0.1, mixup=0.5, aa="rand-m5-mstd0.5-inc1")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r = run_train(["--output", str(full), *tiny_set_args(**extra)])
+    assert r.returncode == 0, r.stderr
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seqvision.train", "--output", str(cut), *tiny_set_args(**extra)],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while not (cut / "last.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # let it run on past the checkpoint, into work that will be lost
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = torch.load(cut / "last.pth", weights_only=True)
+    assert (killed_at["epoch"], killed_at["step"]) < (3, 0)
+
+    r = run_train(["--resume", str(cut)])
+    assert r.returncode == 0, r.stderr
+    assert f"batch {killed_at['step']}" in r.stdout
+    a, b = read_csv(full / "metrics.csv"), read_csv(cut / "metrics.csv")
+    assert [{k: v for k, v in row.items() if k not in TIMING} for row in a] == [
+        {k: v for k, v in row.items() if k not in TIMING} for row in b
+    ]
+    sa = torch.load(full / "last.pth", weights_only=True)
+    sb = torch.load(cut / "last.pth", weights_only=True)
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+
+
+# -- data errors -----------------------------------------------------------------------------------------
+def test_missing_data_folder_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["--data-dir", str(missing), "--output", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and err.count("\n") == 1
+
+
+def test_empty_class_is_one_line(tmp_path, capsys):
+    make_tree(tmp_path / "d" / "train", {"a": 3, "b": 0})
+    make_tree(tmp_path / "d" / "val", {"a": 1, "b": 1})
+    assert main(["--data-dir", str(tmp_path / "d"), "--output", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "d" / "train" / "b") in err and err.count("\n") == 1
+
+
+def test_corrupt_image_stops_the_run_naming_the_file(tmp_path):
+    make_tree(tmp_path / "d" / "train", {"a": 4, "b": 4})
+    make_tree(tmp_path / "d" / "val", {"a": 2, "b": 2})
+    bad = tmp_path / "d" / "train" / "b" / "2.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    with pytest.raises(DataError, match=str(bad)) as e:
+        train(tiny_cfg(tmp_path / "r", "--data-dir", str(tmp_path / "d"), batch_size=4, epochs=1))
+    assert isinstance(e.value, UserError)
+
+
+# -- fine-tuning ------------------------------------------------------------------------------------------
+def test_finetune_to_another_class_count(digits_run, tmp_path):
+    src = digits_run[0] / "best.pth"
+    make_tree(tmp_path / "d" / "train", {"red": 6, "green": 6, "blue": 6})
+    make_tree(tmp_path / "d" / "val", {"red": 2, "green": 2, "blue": 2}, seed=1)
+    cfg = tiny_cfg(tmp_path / "r", "--data-dir", str(tmp_path / "d"), "--finetune", str(src), batch_size=6, epochs=2)
+    trainer = Trainer(dict(cfg), "ft")
+    with pytest.warns(UserWarning, match="re-initialised"):
+        trainer.build()
+    source = torch.load(src, weights_only=True)["model"]
+    assert torch.equal(trainer.core.stem.proj.weight, source["stem.proj.weight"])
+    assert trainer.core.head.fc.weight.shape[0] == 3
+    trainer.close()
+
+    with pytest.warns(UserWarning, match="re-initialised"):
+        train(cfg, "ft")
+    state = torch.load(tmp_path / "r" / "last.pth", weights_only=True)
+    assert state["class_names"] == ["blue", "green", "red"] and state["model"]["head.fc.weight"].shape[0] == 3
+
+
+# -- the demo ---------------------------------------------------------------------------------------------
+def test_demo_trains_and_predicts(tmp_path, capsys):
+    from seqvision.demo import build_parser as demo_parser
+    from seqvision.demo import run as demo_run
+
+    argv = ["--output", str(tmp_path / "demo"), "--epochs", "1", "--samples", "4"]
+    argv += tiny_set_args(exclude=("epochs",))  # the tiny model; --epochs 1 stays
+    assert demo_run(demo_parser().parse_args(argv)) == 0
+    out = capsys.readouterr().out
+    assert out.count("true ") == 4 and "top-1 on all 360 validation digits" in out
+
+
+# -- several processes ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ddp_two_processes_with_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "seqvision.train",
+        "--output",
+        str(out),
+        *tiny_set_args(epochs=2),
+    ]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    per_rank = (1437 // 2) // 32
+    assert summary["world_size"] == 2 and summary["updates_per_rank"] == [2 * per_rank, 2 * per_rank]
+    assert summary["global_batch"] == 64 and summary["lr"] == pytest.approx(0.01)  # 5e-3 @ 32 -> 64
+    rows = read_csv(out / "metrics.csv")
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert r.stdout.count("seqvision train ->") == 1  # only rank 0 logs
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pth") == ["best.pth", "last.pth"]
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    state = torch.load(out / "last.pth", weights_only=True)
+    assert state["world_size"] == 2 and not any(k.startswith("module.") for k in state["model"])
