@@ -26,7 +26,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-DTYPES = ("fp32", "bf16")
+from .errors import UserError
+from .inference import quantize_dynamic
+
+DTYPES = ("fp32", "bf16", "int8")
+MODES = {"fp32": ["fp32"], "bf16": ["autocast", "bf16 weights"], "int8": ["int8 dynamic"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,13 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "CPU benchmark of seqvision's Sequencer2D (fused and reference engines) against timm's "
             "Sequencer2D and ConvNeXt-T: img/s, ms/img, peak memory, GFLOP/s and fraction of GEMM peak.\n\n"
-            "example: seqvision bench --model sequencer2d_s --batch 1,8 --dtype fp32,bf16 --iters 10"
+            "int8 rows: torch's dynamic quantisation (LSTM and Linear weights int8, inference only).\n"
+            "--device cuda runs the GPU benchmark instead (seqvision.benchmark_gpu: Triton engine, AMP, batch 256).\n\n"
+            "examples:\n"
+            "  seqvision bench --model sequencer2d_s --batch 1,8 --dtype fp32,bf16 --iters 10\n"
+            "  seqvision bench --batch 8 --dtype fp32 --train --no-compile\n"
+            "  seqvision bench --device cuda --batch 256"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default="sequencer2d_s", help="Sequencer variant (default: sequencer2d_s)")
-    parser.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
-    parser.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16 (default: both)")
+    parser.add_argument("--batch", help="comma-separated batch sizes (default: 1,8,32 on CPU, 256 on CUDA)")
+    parser.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16, int8 (default: fp32,bf16)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (the GPU benchmark)")
     parser.add_argument("--train", action="store_true", help="time a training step (fwd + bwd + AdamW)")
     parser.add_argument("--img-size", type=int, default=224, help="input resolution (default: 224)")
     parser.add_argument("--iters", type=int, default=10, help="timed rounds per row (default: 10)")
@@ -55,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 # -- measurement helpers -----------------------------------------------------------------------------------------
 def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     """GFLOP/s of one large square matmul (best of ``reps``): the ceiling the table's fractions refer to."""
+    probe = torch.randn(256, 256, dtype=dtype)
+    t = time.perf_counter()
+    probe @ probe
+    if time.perf_counter() - t > 0.05:  # no hardware for this dtype (e.g. bf16 without AVX512-BF16/AMX)
+        n = 512
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
@@ -180,7 +195,7 @@ def _fmt_table(rows: list[Row], peaks: dict[str, float], train: bool) -> str:
         t = min(r.times)  # other processes only ever slow a round down: the fastest round is the least disturbed
         ips = r.batch / t
         gflops = ips * r.flops * (3 if train else 1) / 1e9
-        dt = "fp32" if r.mode == "fp32" else "bf16"
+        dt = "bf16" if r.mode in MODES["bf16"] else "fp32"  # int8 dynamic: compared with the fp32 peak
         lines.append(
             f"| {r.name} | {r.mode} | {r.batch} | {ips:.2f} | {1e3 * t / r.batch:.1f} | {r.mem / 2**20:.0f} | "
             f"{gflops:.0f} | {100 * gflops / peaks[dt]:.0f}% |"
@@ -192,30 +207,40 @@ def run(args: argparse.Namespace) -> int:
     from . import ops
     from .ops import fused
 
+    if args.device.startswith("cuda"):
+        return _run_gpu(args)
+    if args.device != "cpu":
+        raise UserError(f"--device must be cpu or cuda, got {args.device!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    batches = [int(b) for b in str(args.batch).split(",") if b]
+    batches = [int(b) for b in str(args.batch or "1,8,32").split(",") if b]
     dtypes = [d.strip() for d in str(args.dtype).split(",") if d.strip()]
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
-        print(f"unknown dtype(s) {bad}; choose from {DTYPES}")
-        return 2
+        raise UserError(f"unknown --dtype {', '.join(bad)}; choose from {', '.join(DTYPES)}")
+    if args.train and "int8" in dtypes:
+        raise UserError("int8 (dynamic quantisation) is inference only; drop int8 from --dtype or drop --train")
     if not fused.available():
         print(f"note: the fused engine is not available ({fused.load_error()}); its rows use the reference path")
-    peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16, 3072)}
+    peaks = {"fp32": gemm_peak(torch.float32)}
+    if "bf16" in dtypes:
+        peaks["bf16"] = gemm_peak(torch.bfloat16, 3072)
     specs = _row_specs(args)
     flops = {name: _flops_per_image(factory, args.img_size) for name, factory, _, _ in specs}
 
     all_rows: list[Row] = []
     for dtype in dtypes:
-        modes = ["fp32"] if dtype == "fp32" else ["autocast", "bf16 weights"]
         for batch in batches:
             rows: list[Row] = []
-            for mode in modes:
+            for mode in MODES[dtype]:
                 for name, factory, engine, comp in specs:
+                    if mode == "int8 dynamic" and (comp or engine == "fused"):
+                        continue  # quantised LSTMs run on the reference path; compile rows add nothing here
                     model = factory()
                     if mode == "bf16 weights":
                         model = model.bfloat16()
+                    if mode == "int8 dynamic":
+                        model = quantize_dynamic(model)
                     if comp:  # the step calls the compiled callable; parameters and train()/eval() stay shared
                         model = _Compiled(model, name.startswith("timm"))
                     step = _make_step(model, batch, args.img_size, dtype, mode, args.train, engine)
@@ -244,10 +269,25 @@ def run(args: argparse.Namespace) -> int:
     kind = "training step (fwd + bwd + AdamW)" if args.train else "inference"
     print(
         f"\n{args.model}, {args.img_size} px, {kind}, {torch.get_num_threads()} threads; GEMM peak measured: "
-        f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s\n"
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
+        + "\n"
     )
     print(_fmt_table(all_rows, peaks, args.train))
     return 0
+
+
+def _run_gpu(args: argparse.Namespace) -> int:
+    """``seqvision bench --device cuda``: seqvision (Triton engine) vs timm's same variant and convnext_tiny."""
+    from . import benchmark_gpu
+
+    if args.train and "int8" in args.dtype:
+        raise UserError("int8 is a CPU-only, inference-only mode; drop it from --dtype for --device cuda")
+    models = [f"seqvision:{args.model}", f"timm:{args.model}"] + ([] if args.no_convnext else ["timm:convnext_tiny"])
+    argv = ["--device", args.device, "--models", *models, "--batch", str(args.batch or 256).split(",")[0]]
+    argv += ["--img-size", str(args.img_size), "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    argv += ["--modes", "train"] if args.train else ["--modes", "infer"]
+    argv += ["--amp", "none" if args.dtype.strip() == "fp32" else "bf16"]
+    return benchmark_gpu.main(argv)
 
 
 class _Compiled(nn.Module):

@@ -524,12 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  seqvision validate --checkpoint runs/digits/best.pth --data-dir digits --confusion-matrix\n"
             "  seqvision validate --model sequencer2d_s --checkpoint sequencer2d_s.pth --data-dir imagenet/val\n"
-            "  seqvision validate --model sequencer2d_s --pretrained --data-dir imagenet/val --img-size 288 --amp"
+            "  seqvision validate --model sequencer2d_s --pretrained --data-dir imagenet/val --img-size 288 --amp\n"
+            "  seqvision validate --checkpoint runs/demo/best.pth --data-dir digits --quantize dynamic   # int8"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(p)
     p.add_argument("--confusion-matrix", action="store_true", help="also write confusion.png and confusion.csv")
+    p.add_argument(
+        "--quantize", choices=("dynamic",), help="int8 dynamic quantisation of LSTM/Linear weights (CPU only)"
+    )
     return p
 
 
@@ -553,6 +557,12 @@ def validate(
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     loaded = load_any_model(args.model, args.checkpoint, device, args.pretrained)
+    if args.quantize:
+        if device.type != "cpu":
+            raise UserError(f"--quantize dynamic runs on the CPU only; add --device cpu (got {device})")
+        from .inference import quantize_dynamic
+
+        loaded.model = quantize_dynamic(loaded.model)
     cfg = eval_data_config(loaded, args.img_size, args.crop_pct, args.interpolation)
     data = open_data(args.data_dir, args.split, args.max_images)
     result, how = validate(loaded, data, cfg, device, args.batch_size, args.workers, args.amp, args.on_error)
@@ -568,6 +578,7 @@ def run(args: argparse.Namespace) -> int:
         preprocessing={k: cfg[k] for k in ("input_size", "crop_pct", "interpolation", "mean", "std") if k in cfg},
         device=str(device),
         amp=args.amp,
+        quantize=args.quantize,
         **result.summary(),
         skipped_images=result.skipped,
         per_class=per_class,

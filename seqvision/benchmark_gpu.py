@@ -1,0 +1,246 @@
+"""GPU throughput: seqvision's Sequencer2D (Triton engine) vs timm's sequencer2d_s/m/l and convnext_tiny.
+
+One run, same process, same settings for every model: AMP (bf16 by default), batch 256, 224 px, inference
+(eval, inference_mode) and training (forward + backward + SGD step); images per second and peak memory.
+
+    seqvision bench --device cuda                       # sequencer2d_s (seqvision and timm) and convnext_tiny
+    python benchmarks/bench_gpu.py                      # every model, both modes
+    python benchmarks/bench_gpu.py --modes infer --models seqvision:sequencer2d_s timm:sequencer2d_s
+    python benchmarks/bench_gpu.py --json results.json
+
+Targets (issue 8): seqvision sequencer2d_s inference >= 2x timm's, training >= 1.5x.
+Without a CUDA device the script prints a message and exits with status 0 (``--device cpu`` is a smoke test of
+the code path only, at whatever small size you give it). ``benchmark()`` / ``format_table()`` are the reusable
+part (for ``seqvision bench --device cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+DEFAULT_MODELS = (
+    "seqvision:sequencer2d_s",
+    "seqvision:sequencer2d_m",
+    "seqvision:sequencer2d_l",
+    "timm:sequencer2d_s",
+    "timm:sequencer2d_m",
+    "timm:sequencer2d_l",
+    "timm:convnext_tiny",
+)
+ENGINES = ("triton", "auto", "reference")
+
+
+@contextlib.contextmanager
+def seqvision_engine(engine: str, stats: dict[str, int]) -> Iterator[None]:
+    """Route seqvision's BiLSTM2D through ``engine``; ``stats`` counts Triton calls and fallbacks.
+
+    "triton": the Triton recurrence wherever it covers the configuration, else the dispatcher (cuDNN) — this
+    works whether or not the dispatcher already selects Triton itself. "auto" / "reference": the dispatcher's.
+    """
+    from seqvision import ops
+
+    if engine != "triton":
+        with ops.use_engine(engine):
+            yield
+        return
+    from seqvision.ops import triton_lstm
+
+    original = ops.rnn2d
+
+    def rnn2d(x, rnn_v, rnn_h, union):
+        out = triton_lstm.rnn2d_triton(x, rnn_v, rnn_h, union)
+        stats["triton" if out is not None else "fallback"] += 1
+        return out if out is not None else original(x, rnn_v, rnn_h, union)
+
+    ops.rnn2d = rnn2d
+    try:
+        yield
+    finally:
+        ops.rnn2d = original
+
+
+def build(spec: str) -> nn.Module:
+    """``seqvision:<variant>`` or ``timm:<model>``, random weights."""
+    lib, _, name = spec.partition(":")
+    if lib == "seqvision":
+        from seqvision.models import create_model
+
+        return create_model(name)
+    if lib == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+    raise ValueError(f"model spec {spec!r}: expected seqvision:<name> or timm:<name>")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    model: nn.Module,
+    mode: str,
+    batch: int,
+    img_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    warmup: int,
+    iters: int,
+) -> dict:
+    """Images per second and peak memory of one model in one mode ("infer" or "train")."""
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    target = torch.randint(0, 1000, (batch,), device=device)
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    if mode == "infer":
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode(), amp:
+                model(x)
+
+    elif mode == "train":
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+        def step() -> None:
+            with amp:
+                loss = nn.functional.cross_entropy(model(x), target)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+    else:
+        raise ValueError(f"mode {mode!r}: expected infer or train")
+
+    for _ in range(warmup):  # includes Triton's first-call compilation and cuDNN's algorithm choice
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {"img_s": batch * iters / seconds, "ms_per_iter": 1e3 * seconds / iters, "peak_gib": peak}
+
+
+def benchmark(
+    models: Sequence[str] = DEFAULT_MODELS,
+    modes: Sequence[str] = ("infer", "train"),
+    batch: int = 256,
+    img_size: int = 224,
+    device: str = "cuda",
+    amp: str = "bf16",
+    engine: str = "triton",
+    warmup: int = 5,
+    iters: int = 20,
+    log=print,
+) -> list[dict]:
+    """Measure every model in every mode; one result dict per (model, mode). Raises RuntimeError without CUDA
+    when ``device`` is "cuda". An out-of-memory run is recorded as such and the others go on."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device is available")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    results = []
+    for spec in models:
+        for mode in modes:
+            stats = {"triton": 0, "fallback": 0}
+            row = {"model": spec, "mode": mode, "batch": batch, "img_size": img_size, "amp": amp}
+            if spec.startswith("seqvision:"):
+                row["engine"] = engine
+            try:
+                model = build(spec).to(dev)
+                with seqvision_engine(engine, stats) if spec.startswith("seqvision:") else contextlib.nullcontext():
+                    row |= measure(model, mode, batch, img_size, dev, amp_dtype, warmup, iters)
+            except Exception as e:  # out of memory, or a model that cannot run here: record it, go on
+                error = "OOM" if isinstance(e, torch.cuda.OutOfMemoryError) else f"{type(e).__name__}: {e}"
+                row |= {"img_s": float("nan"), "ms_per_iter": float("nan"), "peak_gib": float("nan"), "error": error}
+            finally:
+                model = None
+                gc.collect()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            if spec.startswith("seqvision:"):
+                row |= {"triton_calls": stats["triton"], "fallback_calls": stats["fallback"]}
+            results.append(row)
+            log(format_row(row))
+    return results
+
+
+def format_row(r: dict) -> str:
+    note = r.get("error", "")
+    if r.get("fallback_calls"):
+        note += f" ({r['fallback_calls']} BiLSTM2D calls fell back from Triton)"
+    return f"{r['model']:<26} {r['mode']:<6} {r['img_s']:>10.1f} img/s {r['peak_gib']:>8.2f} GiB {note}"
+
+
+def format_table(results: Sequence[dict], baseline: str = "timm:sequencer2d_s") -> str:
+    """Markdown table, with each row's speed relative to ``baseline`` in the same mode."""
+    base = {r["mode"]: r["img_s"] for r in results if r["model"] == baseline}
+    lines = [
+        f"| model | mode | img/s | vs {baseline} | peak memory (GiB) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in results:
+        ratio = r["img_s"] / base[r["mode"]] if r["mode"] in base else float("nan")
+        name = r["model"] + (f" ({r['engine']})" if "engine" in r else "")
+        lines.append(f"| {name} | {r['mode']} | {r['img_s']:.1f} | {ratio:.2f}x | {r['peak_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench_gpu",
+        description=__doc__.split("\n")[0],
+        epilog="example: python benchmarks/bench_gpu.py --modes infer --batch 256 --amp bf16",
+    )
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="seqvision:<name> / timm:<name>")
+    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke test of the code path)")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
+    p.add_argument("--engine", default="triton", choices=ENGINES, help="BiLSTM2D engine for the seqvision models")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--json", help="also write the results to this file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device available; nothing to benchmark (use --device cpu for a smoke test).")
+        return 0
+    if args.device.startswith("cuda"):
+        print(f"device: {torch.cuda.get_device_name(args.device)}, torch {torch.__version__}")
+    results = benchmark(
+        args.models, args.modes, args.batch, args.img_size, args.device, args.amp, args.engine, args.warmup, args.iters
+    )
+    print()
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

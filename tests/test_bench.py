@@ -1,0 +1,71 @@
+"""``seqvision bench`` (CPU table, int8 rows, GPU hand-off) at tiny sizes: the code paths, not the speed.
+
+Speed itself is measured by the benchmark scripts (benchmarks/RESULTS.md), never asserted in a test."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from seqvision import benchmark_gpu
+from seqvision.cli import main
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if re.match(r"\| \w", line)]
+
+
+def test_cpu_bench_table_with_int8_rows(capsys):
+    argv = ["bench", "--img-size", "32", "--batch", "1,2", "--dtype", "fp32,int8", "--iters", "1", "--warmup", "1",
+            "--no-compile", "--no-convnext"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = _table_rows(out)
+    assert rows[0][:4] == ["model", "dtype / mode", "batch", "img/s"]
+    body = {(r[0], r[1], int(r[2])): r for r in rows[1:]}
+    for batch in (1, 2):
+        for name in ("seqvision fused", "seqvision reference", "timm sequencer2d_s"):
+            assert (name, "fp32", batch) in body
+        assert ("seqvision reference", "int8 dynamic", batch) in body
+        assert ("timm sequencer2d_s", "int8 dynamic", batch) in body
+        assert ("seqvision fused", "int8 dynamic", batch) not in body  # quantised LSTMs run on the reference path
+    for r in body.values():
+        ips, ms = float(r[3]), float(r[4])
+        assert ips > 0 and ms == pytest.approx(1e3 / ips, rel=0.02, abs=0.1)
+    assert "GEMM peak measured: fp32" in out and "bf16" not in out.split("GEMM peak measured:")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dtype", "fp64"], "unknown --dtype fp64"),
+        (["--dtype", "int8", "--train"], "inference only"),
+        (["--device", "tpu"], "--device must be cpu or cuda"),
+    ],
+)
+def test_bench_bad_arguments_are_one_line(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed where there is no GPU")
+def test_bench_cuda_without_gpu_says_so(capsys):
+    assert main(["bench", "--device", "cuda"]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_code_path_on_cpu():
+    rows = benchmark_gpu.benchmark(
+        ["seqvision:sequencer2d_s", "timm:sequencer2d_s"], ["infer", "train"], batch=2, img_size=32, device="cpu",
+        amp="none", engine="reference", warmup=1, iters=1, log=lambda _: None,
+    )
+    assert [(r["model"], r["mode"]) for r in rows] == [
+        ("seqvision:sequencer2d_s", "infer"), ("seqvision:sequencer2d_s", "train"),
+        ("timm:sequencer2d_s", "infer"), ("timm:sequencer2d_s", "train"),
+    ]
+    assert all(r["img_s"] > 0 and "error" not in r for r in rows), rows
+    table = benchmark_gpu.format_table(rows)
+    assert "1.00x" in table  # timm's own rows are the baseline
