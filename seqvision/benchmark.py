@@ -159,7 +159,10 @@ def _row_specs(args) -> list[tuple[str, Callable[[], nn.Module], str | None, boo
     rows = [("seqvision fused", seq, "fused", False)]
     if not args.no_compile:
         rows.append(("seqvision fused + torch.compile", seq, "fused", True))
-    rows += [("seqvision reference", seq, "reference", False), (f"timm {args.model}", tim, None, False)]
+    rows.append(("seqvision reference", seq, "reference", False))
+    if not args.no_compile:
+        rows.append(("seqvision reference + torch.compile", seq, "reference", True))
+    rows.append((f"timm {args.model}", tim, None, False))
     if not args.no_compile:
         rows.append((f"timm {args.model} + torch.compile", tim, None, True))
     if not args.no_convnext:

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
 
+from .data import load_image
 from .errors import UserError
 from .inference import LoadedModel, load_model, quantize_dynamic
 
@@ -39,17 +39,6 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
         else:
             problems.append(f"{item}: no such file")
     return paths, problems
-
-
-def load_image(path: Path) -> Image.Image:
-    """An RGB PIL image (grey-scale, palette and RGBA files are converted); UserError naming the file."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: cannot read image ({reason})") from None
 
 
 @torch.no_grad()

@@ -169,11 +169,18 @@ def test_quantize_dynamic_keeps_predictions_close():
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_reference_engine():
-    # nn.LSTM breaks dynamo's graph; seqvision hands its weights to one custom op instead, forward and backward.
+@pytest.mark.parametrize("engine", ["reference", "fused"])
+def test_torch_compile_fullgraph(engine):
+    # nn.LSTM breaks dynamo's graph; seqvision hands its weights to one custom op instead (the reference op or
+    # the fused kernel), forward and backward, with dynamic image sizes.
+    if engine == "fused":
+        from seqvision.ops import fused
+
+        if not fused.available():
+            pytest.skip(f"the fused engine could not be built here: {fused.load_error()}")
     model = random_model()
     x = torch.randn(2, 3, 28, 42)
-    with ops.use_engine("reference"):
+    with ops.use_engine(engine):
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, dynamic=True)
         with torch.no_grad():
