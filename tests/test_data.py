@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _helpers import make_tree
 from timm.data import create_transform
+from train_helpers import make_tree
 
 from seqvision.data import (
     ItemDataset,

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _helpers import make_tree, run_train, subprocess_env, tiny_set_args
+from train_helpers import make_tree, run_train, subprocess_env, tiny_set_args
 
 from seqvision.errors import DataError, UserError
 from seqvision.train import (
