@@ -221,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
         raise UserError(f"unknown --dtype {', '.join(bad)}; choose from {', '.join(DTYPES)}")
+    if "bf16" in dtypes and not ops.cpu_has_bf16():
+        print("note: skipping bf16 - oneDNN has no bf16 path on this CPU (it needs AVX-512 or AMX)")
+        dtypes = [d for d in dtypes if d != "bf16"]
     if args.train and "int8" in dtypes:
         raise UserError("int8 (dynamic quantisation) is inference only; drop int8 from --dtype or drop --train")
     if not fused.available():

@@ -559,6 +559,11 @@ class Trainer:
         self.amp_dtype = getattr(torch, dtype)
         if cfg["amp"] and self.amp_dtype == torch.float16 and self.device.type != "cuda":
             raise ConfigError("amp_dtype float16 needs CUDA; use bfloat16 on CPU")
+        if cfg["amp"] and self.device.type == "cpu" and not ops.cpu_has_bf16():
+            self.log(
+                "warning: --amp on a CPU where oneDNN has no bf16 path (it needs AVX-512 or AMX): bf16 is far slower "
+                "than float32 here; drop --amp"
+            )
         self.scaler = None
         if cfg["amp"] and self.amp_dtype == torch.float16:
             from timm.utils import NativeScaler

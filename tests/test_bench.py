@@ -69,3 +69,28 @@ def test_gpu_benchmark_code_path_on_cpu():
     assert all(r["img_s"] > 0 and "error" not in r for r in rows), rows
     table = benchmark_gpu.format_table(rows)
     assert "1.00x" in table  # timm's own rows are the baseline
+
+
+def test_bf16_skipped_where_the_cpu_has_no_bf16_hardware(monkeypatch, capsys):
+    from seqvision import ops
+
+    monkeypatch.setattr(ops, "cpu_has_bf16", lambda: False)
+    argv = ["bench", "--img-size", "32", "--batch", "1", "--dtype", "bf16", "--iters", "1", "--warmup", "1",
+            "--no-compile", "--no-convnext"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "skipping bf16" in out and "autocast" not in out and "bf16 weights" not in out
+
+
+def test_cpu_has_bf16_matches_the_cpu_flags():
+    from pathlib import Path
+
+    from seqvision import ops
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or "flags" not in cpuinfo.read_text():
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    # oneDNN runs bf16 natively with AVX512-BF16 / AMX and fast enough with AVX-512 (BW, VL, DQ) alone.
+    expected = bool(flags & {"avx512_bf16", "amx_bf16"}) or {"avx512bw", "avx512vl", "avx512dq"} <= flags
+    assert ops.cpu_has_bf16() == expected

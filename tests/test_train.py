@@ -219,8 +219,12 @@ def test_checkpoint_is_safe_to_load_and_complete(digits_run):
     assert loaded.class_names == state["class_names"] and loaded.data_config["input_size"] == (3, 16, 16)
 
 
-def test_engine_options_run(tmp_path):
-    """bf16 autocast, accumulation over 3 batches, clipping, gradient checkpointing and EMA together."""
+def test_engine_options_run(tmp_path, monkeypatch, capsys):
+    """bf16 autocast, accumulation over 3 batches, clipping, gradient checkpointing and EMA together; on a CPU
+    where oneDNN has no bf16 path (simulated here) the log warns that --amp will be slow."""
+    from seqvision import ops
+
+    monkeypatch.setattr(ops, "cpu_has_bf16", lambda: False)
     summary = train(
         tiny_cfg(
             tmp_path / "r",
@@ -237,6 +241,7 @@ def test_engine_options_run(tmp_path):
     row = read_csv(tmp_path / "r" / "metrics.csv")[0]
     assert math.isfinite(float(row["train_loss"])) and "ema_top1" in row
     assert "model_ema" in torch.load(tmp_path / "r" / "last.pth", weights_only=True)
+    assert "warning: --amp on a CPU where oneDNN has no bf16 path" in capsys.readouterr().out
 
 
 def test_existing_run_is_not_overwritten(digits_run):

@@ -60,6 +60,15 @@ def use_engine(name: str) -> Iterator[None]:
         set_engine(previous)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has a bf16 path on this CPU (AVX-512, AVX512-BF16 or AMX). Without one, bf16 matmuls fall
+    back to a reference kernel ~100x slower than fp32 (measured: 0.7 vs 82 GFLOP/s on an AVX2-only EPYC)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _fused_impl():
     """The fused CPU engine's entry point, or None where it cannot run (no compiled extension)."""
     try:
@@ -103,6 +112,7 @@ def rnn2d(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: 
 __all__ = [
     "ENGINES",
     "UNIONS",
+    "cpu_has_bf16",
     "get_engine",
     "join",
     "rnn2d",
