@@ -629,10 +629,13 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         self.core = model  # the bare module: what checkpoints and EMA hold
         if d.enabled and cfg["fsdp"]:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            # FSDP2: every block's parameters sharded across ranks (gathered for its forward/backward), then the
+            # rest (stem, downsamplers, head) as one unit. Works on CPU with gloo as well as on GPUs.
+            from torch.distributed.fsdp import fully_shard
 
-            model = FSDP(model, device_id=self.device if self.device.type == "cuda" else None, use_orig_params=True)
-            self.core = model
+            for block in (m for m in model.modules() if type(m).__name__ == "SequencerBlock"):
+                fully_shard(block)
+            fully_shard(model)
         elif d.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -642,22 +645,22 @@ class Trainer:
         return model
 
     # -- checkpoints -----------------------------------------------------------------------------------
-    def _model_state(self) -> dict[str, Tensor]:
-        if self.cfg["fsdp"] and self.dist.enabled:
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    def _sharded(self) -> bool:
+        return bool(self.cfg["fsdp"] and self.dist.enabled)
 
-            with FSDP.state_dict_type(
-                self.core, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-            ):
-                return self.core.state_dict()
+    def _model_state(self) -> dict[str, Tensor]:
+        if self._sharded():  # collective: the full (unsharded) weights, gathered to the CPU
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().cpu() for k, v in self.core.state_dict().items()}
 
     def _optim_state(self) -> dict[str, Any]:
-        if self.cfg["fsdp"] and self.dist.enabled:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        if self._sharded():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-            return FSDP.optim_state_dict(self.core, self.optimizer)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.core, self.optimizer, options=options)
         return self.optimizer.state_dict()
 
     def checkpoint(self, epoch: int, step: int, extra: dict[str, Any]) -> dict[str, Any] | None:
@@ -700,11 +703,11 @@ class Trainer:
             atomic_write(self.out / name, lambda tmp: Path(tmp).write_bytes(data))
 
     def _restore(self, state: dict[str, Any]) -> None:
-        if self.cfg["fsdp"] and self.dist.enabled:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        if self._sharded():  # every rank read the file; each keeps its own shard of the full state
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            osd = FSDP.optim_state_dict_to_load(self.core, self.optimizer, state["optimizer"])
-            self.optimizer.load_state_dict(osd)
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.core, self.optimizer, state["optimizer"], options=options)
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
@@ -771,6 +774,8 @@ class Trainer:
             sync = contextlib.nullcontext()
             if not update and d.enabled and hasattr(self.model, "no_sync"):
                 sync = self.model.no_sync()  # accumulate locally; all-reduce once per update
+            elif d.enabled and hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: the same
+                self.model.set_requires_gradient_sync(update)
             with sync:
                 with self._autocast():
                     loss = self.train_loss(self.model(x), y)
@@ -826,9 +831,6 @@ class Trainer:
 
     def _clip(self, params: list[Tensor]) -> None:
         if self.cfg["clip_grad"] is None:
-            return
-        if self.cfg["fsdp"] and self.dist.enabled and self.cfg["clip_mode"] == "norm":
-            self.core.clip_grad_norm_(self.cfg["clip_grad"])
             return
         from timm.utils import dispatch_clip_grad
 
