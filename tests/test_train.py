@@ -441,3 +441,11 @@ def test_fsdp_two_processes_with_gloo(tmp_path):
     loaded = load_model(out / "best.pth")  # the evaluator's own pipeline, independent of the trainer's
     result, _ = ev.validate(loaded, ev.open_data("digits"), ev.eval_data_config(loaded), torch.device("cpu"))
     assert result.n == 360 and result.top1 == pytest.approx(summary["best_top1"], abs=0.01)
+
+    # Resuming a sharded run: each rank reloads its shard of the optimiser state and training goes on.
+    r = subprocess.run([*cmd, "--resume", str(out), "--set", "epochs=2"], env=subprocess_env(), capture_output=True,
+                       text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_csv(out / "metrics.csv")
+    assert [int(row["epoch"]) for row in rows] == [1, 2]
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
