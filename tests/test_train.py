@@ -449,3 +449,15 @@ def test_fsdp_two_processes_with_gloo(tmp_path):
     rows = read_csv(out / "metrics.csv")
     assert [int(row["epoch"]) for row in rows] == [1, 2]
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+@pytest.mark.slow
+def test_compiled_training_writes_plain_checkpoints(tmp_path):
+    """--compile trains through torch.compile; checkpoints hold the bare module's keys (no _orig_mod.)."""
+    from seqvision.inference import load_model
+
+    summary = train(tiny_cfg(tmp_path / "c", epochs=1, compile=True))
+    assert summary["updates_per_rank"] == [1437 // 32]
+    state = torch.load(tmp_path / "c" / "last.pth", weights_only=True)
+    assert not any("_orig_mod" in k for k in state["model"])
+    assert load_model(tmp_path / "c" / "best.pth").model.num_classes == 10
