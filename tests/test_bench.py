@@ -5,6 +5,9 @@ Speed itself is measured by the benchmark scripts (benchmarks/RESULTS.md), never
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +97,17 @@ def test_cpu_has_bf16_matches_the_cpu_flags():
     # oneDNN runs bf16 natively with AVX512-BF16 / AMX and fast enough with AVX-512 (BW, VL, DQ) alone.
     expected = bool(flags & {"avx512_bf16", "amx_bf16"}) or {"avx512bw", "avx512vl", "avx512dq"} <= flags
     assert ops.cpu_has_bf16() == expected
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_memory_benchmark_script_runs_each_row_alone():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    r = subprocess.run([sys.executable, str(script), "--img-size", "32", "--batch", "2"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row[0]: row for row in _table_rows(r.stdout)[1:]}
+    assert set(rows) == {"seqvision fused", "seqvision reference", "timm"}
+    for row in rows.values():
+        peak, before = float(row[1]), float(row[2])
+        assert peak >= before > 100  # torch alone is more than 100 MiB resident
+    assert rows["timm"][3] == "1.00x"
