@@ -273,3 +273,15 @@ def test_dispatcher_chooses_by_engine(monkeypatch):
             ops.rnn2d(x, rv, rh, "cat")
     with pytest.raises(ValueError, match="unknown engine"):
         ops.set_engine("cudnn")
+
+
+@pytest.mark.parametrize("value, expected", [("reference", "reference"), ("fused", "fused"), ("cudnn", "auto")])
+def test_engine_from_environment(value, expected):
+    import subprocess
+    import sys
+
+    code = "import warnings; warnings.simplefilter('ignore'); from seqvision import ops; print(ops.get_engine())"
+    env = {**os.environ, "SEQVISION_ENGINE": value}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == expected

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -31,9 +32,10 @@ ENGINES = ("auto", "fused", "triton", "reference", "traceable")
 # Dynamo refuses to look inside nn.LSTM / GRU / RNN modules unless this is set. seqvision only reads their
 # weights while compiling and hands them to its own custom ops (above); it never traces nn.LSTM.forward.
 torch._dynamo.config.allow_rnn = True
-_engine = os.environ.get("SEQVISION_ENGINE", "auto")
+_engine = os.environ.get("SEQVISION_ENGINE", "auto") or "auto"
 if _engine not in ENGINES:
-    raise ValueError(f"SEQVISION_ENGINE={_engine!r} is not an engine; use one of {', '.join(ENGINES)}")
+    warnings.warn(f"SEQVISION_ENGINE={_engine!r} is not an engine ({', '.join(ENGINES)}); using auto", stacklevel=1)
+    _engine = "auto"
 
 
 def set_engine(name: str) -> None:
