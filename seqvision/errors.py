@@ -22,3 +22,7 @@ class CheckpointError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
     """A data set that is missing, empty, laid out wrongly, or holds unreadable images."""
+
+
+class EngineUnavailableError(UserError, RuntimeError):
+    """A BiLSTM2D engine was asked for that cannot run here (no compiler, no CUDA, no triton)."""

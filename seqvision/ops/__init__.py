@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..errors import EngineUnavailableError
 from .reference import UNIONS, join, rnn2d_reference, rnn2d_traceable, run_horizontal, run_vertical
 
 # "traceable": the reference computation as one custom op, so torch.export keeps H and W symbolic.
@@ -102,7 +103,7 @@ def rnn2d(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: 
             if out is not None:  # None: this engine does not cover the configuration
                 return out
         elif _engine != "auto":
-            raise RuntimeError(
+            raise EngineUnavailableError(
                 f"the {_engine} BiLSTM2D engine is not available here ({'CPU' if _engine == 'fused' else 'CUDA'} "
                 "only, or it could not be built); use set_engine('auto') or set_engine('reference')"
             )
