@@ -641,7 +641,7 @@ class Trainer:
 
             model = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
         if cfg["compile"]:
-            model = torch.compile(model)
+            model = torch.compile(model, dynamic=False)  # static shapes: a graph per batch shape
         return model
 
     # -- checkpoints -----------------------------------------------------------------------------------
