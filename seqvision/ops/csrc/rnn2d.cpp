@@ -205,6 +205,21 @@ inline void row_range(int64_t rows, int64_t tid, int64_t nt, int64_t& lo, int64_
   hi = rows * (tid + 1) / nt;
 }
 
+// Rows [lo[d], hi[d]) of every direction d owned by thread `tid`, and the most rows any direction gives it.
+struct ThreadRows {
+  std::vector<int64_t> lo, hi;
+  int64_t max_rows;
+};
+inline ThreadRows thread_rows(const Grid& g, int64_t tid, int64_t nt) {
+  const size_t nd = g.dirs.size();
+  ThreadRows r{std::vector<int64_t>(nd), std::vector<int64_t>(nd), 0};
+  for (size_t d = 0; d < nd; ++d) {
+    row_range(g.dirs[d].rows, tid, nt, r.lo[d], r.hi[d]);
+    r.max_rows = std::max(r.max_rows, r.hi[d] - r.lo[d]);
+  }
+  return r;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // LSTM forward. Per row: pre = xproj + bias + h_prev W_hh^T; gates (i, f, g, o) in PyTorch's order.
 template <typename T, bool SAVE>
@@ -219,12 +234,7 @@ void lstm_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename 
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     const SequentialBlas sequential;
     for (int64_t tid = t0; tid < t1; ++tid) {
-      std::vector<int64_t> lo(nd), hi(nd);
-      int64_t max_rows = 0;
-      for (int64_t d = 0; d < nd; ++d) {
-        row_range(g.dirs[d].rows, tid, nt, lo[d], hi[d]);
-        max_rows = std::max(max_rows, hi[d] - lo[d]);
-      }
+      const auto [lo, hi, max_rows] = thread_rows(g, tid, nt);
       // Per-thread state in the acc type: h (the next GEMM's input), c, and the recurrent product.
       std::vector<acc> hbuf(nd * max_rows * D);
       std::vector<acc> cbuf(nd * max_rows * D, acc(0));
@@ -296,12 +306,7 @@ void lstm_backward_impl(const Grid& g, int64_t D, const T* grad_out, const typen
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     const SequentialBlas sequential;
     for (int64_t tid = t0; tid < t1; ++tid) {
-      std::vector<int64_t> lo(nd), hi(nd);
-      int64_t max_rows = 0;
-      for (int64_t d = 0; d < nd; ++d) {
-        row_range(g.dirs[d].rows, tid, nt, lo[d], hi[d]);
-        max_rows = std::max(max_rows, hi[d] - lo[d]);
-      }
+      const auto [lo, hi, max_rows] = thread_rows(g, tid, nt);
       std::vector<acc> dpbuf(nd * max_rows * G4);  // this step's dpre rows, contiguous for the GEMM
       std::vector<acc> dcbuf(nd * max_rows * D);  // dL/dc carried to the previous step
       std::vector<acc> dhbuf(max_rows * D);       // dL/dh from the recurrence
