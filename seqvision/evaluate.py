@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data import ItemDataset, image_folder_items
 from .data import digits_images as data_digits
 from .errors import DataError, UserError
-from .inference import LoadedModel, default_class_names
+from .inference import LoadedModel, default_class_names, quantize_dynamic
 
 ON_ERROR = ("skip", "fail")
 
@@ -560,8 +560,6 @@ def run(args: argparse.Namespace) -> int:
     if args.quantize:
         if device.type != "cpu":
             raise UserError(f"--quantize dynamic runs on the CPU only; add --device cpu (got {device})")
-        from .inference import quantize_dynamic
-
         loaded.model = quantize_dynamic(loaded.model)
     cfg = eval_data_config(loaded, args.img_size, args.crop_pct, args.interpolation)
     data = open_data(args.data_dir, args.split, args.max_images)

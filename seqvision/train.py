@@ -38,9 +38,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import ops
 from .errors import UserError
 
 CHECKPOINT_VERSION = 1
+# BiLSTM2D engines a run may ask for ("traceable" is the export-time path, not a training choice).
+TRAIN_ENGINES = tuple(e for e in ops.ENGINES if e != "traceable")
 CONFIG_DIRS = (Path(__file__).resolve().parent.parent / "configs", Path("configs"))
 
 
@@ -301,8 +304,8 @@ def resolve_config(recipe: Mapping[str, Any], overrides: Mapping[str, Any] | Non
             raise ConfigError(f"{k} must be at least 1, got {cfg[k]}")
     if cfg["amp_dtype"] not in ("auto", "bfloat16", "float16"):
         raise ConfigError(f"amp_dtype must be auto, bfloat16 or float16, got {cfg['amp_dtype']!r}")
-    if cfg["engine"] not in ("auto", "fused", "triton", "reference"):
-        raise ConfigError(f"engine must be auto, fused, triton or reference, got {cfg['engine']!r}")
+    if cfg["engine"] not in TRAIN_ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(TRAIN_ENGINES)}, got {cfg['engine']!r}")
     if cfg["lr_scaling"] not in ("linear", "none"):
         raise ConfigError(f"lr_scaling must be linear or none, got {cfg['lr_scaling']!r}")
     if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
@@ -480,10 +483,10 @@ class Trainer:
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
 
-        from . import ops
         from .data import SeededDataset, build_datasets
 
         cfg, d = self.cfg, self.dist
+        self.previous_engine = ops.get_engine()  # the run's choice is undone in close()
         ops.set_engine(cfg["engine"])
         seed_everything(cfg["seed"])  # model initialisation: the same on every rank
         size = cfg["img_size"]
@@ -982,8 +985,6 @@ class Trainer:
         return self._finish()
 
     def _describe(self) -> None:
-        from . import ops
-
         cfg, d = self.cfg, self.dist
         per = (
             f"{cfg['batch_size']} per process x {d.world_size} process(es) x {cfg['accum_steps']} accumulation step(s)"
@@ -1083,6 +1084,8 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        if hasattr(self, "previous_engine"):
+            ops.set_engine(self.previous_engine)
         self.dist.close()
 
 
@@ -1186,7 +1189,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision")
     g.add_argument("--amp-dtype", choices=("auto", "bfloat16", "float16"))
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
-    g.add_argument("--engine", choices=("auto", "fused", "triton", "reference"), help="BiLSTM2D engine")
+    g.add_argument("--engine", choices=TRAIN_ENGINES, help="BiLSTM2D engine")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None, help="FSDP instead of DDP")

@@ -46,6 +46,7 @@ def test_cpu_bench_table_with_int8_rows(capsys):
         (["--dtype", "fp64"], "unknown --dtype fp64"),
         (["--dtype", "int8", "--train"], "inference only"),
         (["--device", "tpu"], "--device must be cpu or cuda"),
+        (["--device", "cuda", "--dtype", "int8"], "runs on the CPU only"),
     ],
 )
 def test_bench_bad_arguments_are_one_line(argv, message, capsys):

@@ -225,6 +225,7 @@ def test_engine_options_run(tmp_path, monkeypatch, capsys):
     from seqvision import ops
 
     monkeypatch.setattr(ops, "cpu_has_bf16", lambda: False)
+    before = ops.get_engine()
     summary = train(
         tiny_cfg(
             tmp_path / "r",
@@ -235,8 +236,10 @@ def test_engine_options_run(tmp_path, monkeypatch, capsys):
             grad_checkpointing=True,
             model_ema=True,
             model_ema_decay=0.9,
+            engine="reference",
         )
     )
+    assert ops.get_engine() == before  # the run's engine choice does not outlive the run
     assert summary["updates_per_rank"] == [math.ceil((1437 // 32) / 3)]
     row = read_csv(tmp_path / "r" / "metrics.csv")[0]
     assert math.isfinite(float(row["train_loss"])) and "ema_top1" in row

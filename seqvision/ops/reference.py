@@ -13,14 +13,23 @@ from torch import Tensor, nn
 UNIONS = ("cat", "add", "vertical", "horizontal")
 
 
+# Set on the first CPU-autocast call that oneDNN refuses; later calls go straight to ATen's kernel.
+_onednn_lacks_bf16_rnn = False
+
+
 def _call(rnn: nn.RNNBase, seq: Tensor) -> Tensor:
     """``rnn(seq)[0]``; where oneDNN has no bf16 RNN primitive (CPUs without AVX512-BF16) an autocast call
-    fails inside oneDNN, so it is retried on ATen's native kernel and cast to the autocast dtype."""
-    try:
+    fails inside oneDNN, so it runs on ATen's native kernel instead, cast to the autocast dtype."""
+    global _onednn_lacks_bf16_rnn
+    if not (seq.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
         return rnn(seq)[0]
-    except RuntimeError as e:
-        if "primitive descriptor" not in str(e) or not torch.is_autocast_enabled("cpu"):
-            raise
+    if not _onednn_lacks_bf16_rnn:
+        try:
+            return rnn(seq)[0]
+        except RuntimeError as e:
+            if "primitive descriptor" not in str(e):
+                raise
+            _onednn_lacks_bf16_rnn = True
     with torch.backends.mkldnn.flags(enabled=False):
         out = rnn(seq)[0]
     return out.to(torch.get_autocast_dtype("cpu"))
