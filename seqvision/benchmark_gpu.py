@@ -7,6 +7,7 @@ One run, same process, same settings for every model: AMP (bf16 by default), bat
     python benchmarks/bench_gpu.py                      # every model, both modes
     python benchmarks/bench_gpu.py --modes infer --models seqvision:sequencer2d_s timm:sequencer2d_s
     python benchmarks/bench_gpu.py --json results.json
+    python benchmarks/bench_gpu.py --engine triton,reference      # seqvision rows with Triton and with cuDNN
 
 Targets (issue 8): seqvision sequencer2d_s inference >= 2x timm's, training >= 1.5x.
 Without a CUDA device the script prints a message and exits with status 0 (``--device cpu`` is a smoke test of
@@ -145,7 +146,7 @@ def benchmark(
     img_size: int = 224,
     device: str = "cuda",
     amp: str = "bf16",
-    engine: str = "triton",
+    engine: str | Sequence[str] = "triton",
     warmup: int = 5,
     iters: int = 20,
     log=print,
@@ -158,29 +159,37 @@ def benchmark(
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    engines = [e.strip() for e in engine.split(",")] if isinstance(engine, str) else list(engine)
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise ValueError(f"engine {unknown[0]!r}: expected one or more of {', '.join(ENGINES)}")
     results = []
     for spec in models:
-        for mode in modes:
-            stats = {"triton": 0, "fallback": 0}
-            row = {"model": spec, "mode": mode, "batch": batch, "img_size": img_size, "amp": amp}
-            if spec.startswith("seqvision:"):
-                row["engine"] = engine
-            try:
-                model = build(spec).to(dev)
-                with seqvision_engine(engine, stats) if spec.startswith("seqvision:") else contextlib.nullcontext():
-                    row |= measure(model, mode, batch, img_size, dev, amp_dtype, warmup, iters)
-            except Exception as e:  # out of memory, or a model that cannot run here: record it, go on
-                error = "OOM" if isinstance(e, torch.cuda.OutOfMemoryError) else f"{type(e).__name__}: {e}"
-                row |= {"img_s": float("nan"), "ms_per_iter": float("nan"), "peak_gib": float("nan"), "error": error}
-            finally:
+        is_ours = spec.startswith("seqvision:")
+        for eng in engines if is_ours else [None]:
+            for mode in modes:
+                stats = {"triton": 0, "fallback": 0}
+                row = {"model": spec, "mode": mode, "batch": batch, "img_size": img_size, "amp": amp}
+                if is_ours:
+                    row["engine"] = eng
                 model = None
-                gc.collect()
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-            if spec.startswith("seqvision:"):
-                row |= {"triton_calls": stats["triton"], "fallback_calls": stats["fallback"]}
-            results.append(row)
-            log(format_row(row))
+                try:
+                    model = build(spec).to(dev)
+                    with seqvision_engine(eng, stats) if is_ours else contextlib.nullcontext():
+                        row |= measure(model, mode, batch, img_size, dev, amp_dtype, warmup, iters)
+                except Exception as e:  # out of memory, or a model that cannot run here: record it, go on
+                    error = "OOM" if isinstance(e, torch.cuda.OutOfMemoryError) else f"{type(e).__name__}: {e}"
+                    row |= {"img_s": float("nan"), "ms_per_iter": float("nan"), "peak_gib": float("nan")}
+                    row["error"] = error
+                finally:
+                    model = None
+                    gc.collect()
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                if is_ours:
+                    row |= {"triton_calls": stats["triton"], "fallback_calls": stats["fallback"]}
+                results.append(row)
+                log(format_row(row))
     return results
 
 
@@ -188,7 +197,8 @@ def format_row(r: dict) -> str:
     note = r.get("error", "")
     if r.get("fallback_calls"):
         note += f" ({r['fallback_calls']} BiLSTM2D calls fell back from Triton)"
-    return f"{r['model']:<26} {r['mode']:<6} {r['img_s']:>10.1f} img/s {r['peak_gib']:>8.2f} GiB {note}"
+    name = r["model"] + (f" ({r['engine']})" if "engine" in r else "")
+    return f"{name:<38} {r['mode']:<6} {r['img_s']:>10.1f} img/s {r['peak_gib']:>8.2f} GiB {note}"
 
 
 def format_table(results: Sequence[dict], baseline: str = "timm:sequencer2d_s") -> str:
@@ -217,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke test of the code path)")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
-    p.add_argument("--engine", default="triton", choices=ENGINES, help="BiLSTM2D engine for the seqvision models")
+    p.add_argument(
+        "--engine",
+        default="triton",
+        help=f"BiLSTM2D engine(s) for the seqvision models, comma-separated: {', '.join(ENGINES)}",
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", help="also write the results to this file")

@@ -104,6 +104,20 @@ def gpu_block_configs(device: str) -> None:
 
 
 @check
+def without_prefetch(device: str) -> None:
+    """The kernels' PREFETCH=False variant (each step loads its own inputs) computes the same function."""
+    from seqvision.ops import triton_lstm
+
+    original = triton_lstm._config
+    triton_lstm._config = lambda D, dtype, dev: {**original(D, dtype, dev), "PREFETCH": False}
+    try:
+        _compare((3, 5, 7, 8), D=6, device=device)
+        _compare((2, 1, 3, 4), D=5, device=device)  # T = 1 vertically: no step to prefetch
+    finally:
+        triton_lstm._config = original
+
+
+@check
 def union_add(device: str) -> None:
     _compare((2, 3, 4, 6), D=5, union="add", device=device)
 
@@ -286,6 +300,46 @@ def test_cuda(name: str) -> None:
     if name == "bf16_autocast_fp32_cell" and not torch.cuda.is_bf16_supported():
         pytest.skip("no bf16 on this GPU")
     CHECKS[name]("cuda")
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _HAS_TRITON), reason="needs a CUDA GPU and triton")
+def test_cuda_sequencer2d_s_matches_timm() -> None:
+    """Whole-model parity on the GPU: timm's sequencer2d_s (cuDNN) and seqvision's (Triton where it covers the
+    block) with the same random weights, each against a float64 run of timm's model, in fp32 and bf16 autocast."""
+    import timm
+    from helpers import randomise
+
+    from seqvision.models import create_model
+    from seqvision.weights import load_weights
+
+    oracle = randomise(timm.create_model("sequencer2d_s"), seed=3, std=0.02).cuda()
+    ours = create_model("sequencer2d_s")
+    load_weights(ours, oracle.state_dict())
+    ours = ours.cuda().eval()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        truth = copy.deepcopy(oracle).double()(x.double())
+        rel = lambda out: ((out.double() - truth).norm() / truth.norm()).item()
+        err = {"timm fp32": rel(oracle(x)), "seqvision fp32": rel(ours(x))}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            err |= {"timm bf16": rel(oracle(x)), "seqvision bf16": rel(ours(x))}
+    print("relative logit error vs float64:", {k: f"{v:.2e}" for k, v in err.items()})
+    assert err["seqvision fp32"] < 1e-3, err  # TF32 may be on in cuDNN and the GEMMs: not 1e-6
+    assert err["seqvision bf16"] <= 1.5 * err["timm bf16"] + 1e-3, err
+
+
+def test_tuned_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from seqvision.ops import triton_lstm
+
+    monkeypatch.setenv("SEQVISION_TRITON_TUNE", "64:32:4:0, 128:16:8:1")
+    cfg = triton_lstm._config(48, torch.bfloat16, torch.device("cuda"))
+    assert cfg == dict(BLOCK_D=64, BLOCK_N=32, num_warps=4, PREFETCH=False, num_stages=1)
+    assert triton_lstm._config(96, torch.bfloat16, torch.device("cuda"))["PREFETCH"] is True
+    monkeypatch.setenv("SEQVISION_TRITON_TUNE", "")
+    assert triton_lstm._config(96, torch.float16, torch.device("cuda"))["BLOCK_N"] == 16  # the built-in default
+    monkeypatch.setenv("SEQVISION_TRITON_TUNE", "128:16")
+    with pytest.raises(ValueError, match="BLOCK_D:BLOCK_N:num_warps:prefetch"):
+        triton_lstm._config(96, torch.float16, torch.device("cuda"))
 
 
 def test_cpu_without_interpreter_is_not_available(monkeypatch: pytest.MonkeyPatch) -> None:

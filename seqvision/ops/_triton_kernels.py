@@ -43,6 +43,34 @@ def _seq_layout(dir_codes, pid_d, H, W):
 
 
 @triton.jit
+def _load_gx(gx_ptr, base, rev, T, stride_t, s, g_stride, g_cols, D, mask):
+    """The four gate projections (fp32) of step ``s`` of each sequence in the tile."""
+    t = s + rev * (T - 1 - 2 * s)
+    g_ptrs = (base + t * stride_t)[:, None] * g_stride + g_cols
+    zi = tl.load(gx_ptr + g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    zf = tl.load(gx_ptr + g_ptrs + D, mask=mask, other=0.0).to(tl.float32)
+    zg = tl.load(gx_ptr + g_ptrs + 2 * D, mask=mask, other=0.0).to(tl.float32)
+    zo = tl.load(gx_ptr + g_ptrs + 3 * D, mask=mask, other=0.0).to(tl.float32)
+    return zi, zf, zg, zo
+
+
+@triton.jit
+def _load_bwd_step(gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, g_cols, o_cols, D, s, mask):
+    """What the backward reads at step ``s``: gate activations, dL/dy and c_{s-1} (0 before the first step)."""
+    t = s + rev * (T - 1 - 2 * s)
+    pos = base + t * stride_t
+    g_ptrs = pos[:, None] * g_stride + g_cols
+    i = tl.load(gates_ptr + g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    f = tl.load(gates_ptr + g_ptrs + D, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gates_ptr + g_ptrs + 2 * D, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(gates_ptr + g_ptrs + 3 * D, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + pos[:, None] * o_stride + o_cols, mask=mask, other=0.0).to(tl.float32)
+    pos_prev = pos - stride_t + rev * 2 * stride_t
+    c_prev = tl.load(c_ptr + pos_prev[:, None] * o_stride + o_cols, mask=mask & (s > 0), other=0.0)
+    return i, f, g, o, dy, c_prev
+
+
+@triton.jit
 def _load_w_t(w_ptr, d_base, gate, D, offs_k, offs_j, mask_kj):
     """Gate ``gate``'s block of W_hh[d] transposed, as (k, j): element W_hh[d, gate*D + j, k]."""
     ptrs = w_ptr + d_base + (gate * D + offs_j[None, :]) * D + offs_k[:, None]
@@ -74,6 +102,7 @@ def lstm2d_fwd_kernel(
     BLOCK_D: tl.constexpr,  # hidden size padded to a power of two >= 16; masks hide the padding
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (parity with the reference); ignored for 16-bit inputs
     UPCAST_DOT: tl.constexpr,  # interpreter workaround for bf16, see _dot
+    PREFETCH: tl.constexpr,  # load step s+1's inputs during step s (see the loop)
 ):
     pid_d = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -106,14 +135,19 @@ def lstm2d_fwd_kernel(
 
     h = tl.zeros((BLOCK_N, BLOCK_D), dtype=w_ptr.dtype.element_ty)
     c = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    # PREFETCH: step s+1's projections are loaded while step s computes (they do not depend on h), so the
+    # serial chain per step is dot -> gates -> store instead of load -> dot -> gates -> store.
+    if PREFETCH:
+        zi, zf, zg, zo = _load_gx(gx_ptr, base, rev, T, stride_t, 0, g_stride, g_cols, D, mask)
     for s in range(0, T):
         t = s + rev * (T - 1 - 2 * s)  # reversed directions walk t = T-1 ... 0
         pos = base + t * stride_t
-        g_ptrs = pos[:, None] * g_stride + g_cols
-        zi = tl.load(gx_ptr + g_ptrs, mask=mask, other=0.0).to(tl.float32)
-        zf = tl.load(gx_ptr + g_ptrs + D, mask=mask, other=0.0).to(tl.float32)
-        zg = tl.load(gx_ptr + g_ptrs + 2 * D, mask=mask, other=0.0).to(tl.float32)
-        zo = tl.load(gx_ptr + g_ptrs + 3 * D, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            nzi, nzf, nzg, nzo = _load_gx(
+                gx_ptr, base, rev, T, stride_t, s + 1, g_stride, g_cols, D, mask & (s + 1 < T)
+            )
+        else:
+            zi, zf, zg, zo = _load_gx(gx_ptr, base, rev, T, stride_t, s, g_stride, g_cols, D, mask)
         zi = _dot(h, wi, zi, PRECISION, UPCAST_DOT)
         zf = _dot(h, wf, zf, PRECISION, UPCAST_DOT)
         zg = _dot(h, wg, zg, PRECISION, UPCAST_DOT)
@@ -128,12 +162,15 @@ def lstm2d_fwd_kernel(
         o_ptrs = pos[:, None] * o_stride + o_cols
         tl.store(y_ptr + o_ptrs, h32.to(y_ptr.dtype.element_ty), mask=mask)
         if SAVE:
+            g_ptrs = pos[:, None] * g_stride + g_cols
             gt = gates_ptr.dtype.element_ty
             tl.store(gates_ptr + g_ptrs, i.to(gt), mask=mask)
             tl.store(gates_ptr + g_ptrs + D, f.to(gt), mask=mask)
             tl.store(gates_ptr + g_ptrs + 2 * D, g.to(gt), mask=mask)
             tl.store(gates_ptr + g_ptrs + 3 * D, o.to(gt), mask=mask)
             tl.store(c_ptr + o_ptrs, c, mask=mask)
+        if PREFETCH:
+            zi, zf, zg, zo = nzi, nzf, nzg, nzo
 
 
 @triton.jit
@@ -153,6 +190,7 @@ def lstm2d_bwd_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -182,24 +220,28 @@ def lstm2d_bwd_kernel(
     wo = _load_w(w_ptr, d_base, 3, D, offs_k, offs_j, mask_kj)
     dh_rec = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # dL/dh_t through step t+1's gates
     dc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # dL/dc_t through c_{t+1}
+    # c_t of each step is the previous iteration's c_{t-1}: one cell-state load per step, not two.
+    t_last = (T - 1) * (1 - rev)
+    c = tl.load(c_ptr + (base + t_last * stride_t)[:, None] * o_stride + o_cols, mask=mask, other=0.0)
+    if PREFETCH:  # as in the forward: step s-1's loads are issued while step s computes
+        i, f, g, o, dy, c_prev = _load_bwd_step(
+            gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, g_cols, o_cols, D, T - 1, mask
+        )
     for s_rev in range(0, T):
         s = T - 1 - s_rev  # processing order, backwards
         t = s + rev * (T - 1 - 2 * s)
         pos = base + t * stride_t
-        has_prev = s > 0
-        pos_prev = pos - stride_t + rev * 2 * stride_t  # position of step s-1 (only read if has_prev)
         g_ptrs = pos[:, None] * g_stride + g_cols
-        o_ptrs = pos[:, None] * o_stride + o_cols
-        op_ptrs = pos_prev[:, None] * o_stride + o_cols
-        mask_prev = mask & has_prev
-
-        i = tl.load(gates_ptr + g_ptrs, mask=mask, other=0.0).to(tl.float32)
-        f = tl.load(gates_ptr + g_ptrs + D, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(gates_ptr + g_ptrs + 2 * D, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(gates_ptr + g_ptrs + 3 * D, mask=mask, other=0.0).to(tl.float32)
-        c = tl.load(c_ptr + o_ptrs, mask=mask, other=0.0)
-        c_prev = tl.load(c_ptr + op_ptrs, mask=mask_prev, other=0.0)  # c_{-1} = 0
-        dh = tl.load(dy_ptr + o_ptrs, mask=mask, other=0.0).to(tl.float32) + dh_rec
+        if PREFETCH:
+            m_next = mask & (s > 0)
+            ni, nf, ng, no, ndy, nc_prev = _load_bwd_step(
+                gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, g_cols, o_cols, D, s - 1, m_next
+            )
+        else:
+            i, f, g, o, dy, c_prev = _load_bwd_step(
+                gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, g_cols, o_cols, D, s, mask
+            )
+        dh = dy + dh_rec
 
         tc = _tanh(c)
         dc = dc + dh * o * (1.0 - tc * tc)
@@ -208,6 +250,7 @@ def lstm2d_bwd_kernel(
         dzf = dc * c_prev * f * (1.0 - f)
         dzg = dc * i * (1.0 - g * g)
         dc = dc * f  # to c_{t-1}
+        c = c_prev
         gt = dgx_ptr.dtype.element_ty
         tl.store(dgx_ptr + g_ptrs, dzi.to(gt), mask=mask)
         tl.store(dgx_ptr + g_ptrs + D, dzf.to(gt), mask=mask)
@@ -225,3 +268,5 @@ def lstm2d_bwd_kernel(
         dh_rec = _dot(dzf_c, wf, dh_rec, PRECISION, UPCAST_DOT)
         dh_rec = _dot(dzg_c, wg, dh_rec, PRECISION, UPCAST_DOT)
         dh_rec = _dot(dzo_c, wo, dh_rec, PRECISION, UPCAST_DOT)
+        if PREFETCH:
+            i, f, g, o, dy, c_prev = ni, nf, ng, no, ndy, nc_prev

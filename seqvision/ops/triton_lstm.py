@@ -73,18 +73,38 @@ def _kernels():
 
 # -- Launch configuration --------------------------------------------------------------------------------------
 def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Block sizes, warps and pipelining depth.
+    """Block sizes, warps, pipelining depth and whether each step prefetches the next step's inputs.
 
     BLOCK_D is D padded to a power of two (tl.dot needs >= 16; Sequencer's D = 48 / 96 become 64 / 128). The
-    GPU values come from compiling for sm_90 without a GPU and reading ptxas's register/spill report (the
-    largest tile of sequences with no spills, 8 warps); they are not timed — tune them on a GPU. num_stages=1:
-    the time loop is serial, and deeper pipelining of the per-step loads only costs shared memory.
+    GPU defaults come from compiling for sm_90 without a GPU and reading ptxas's register/spill report (the
+    largest tile of sequences with no spills, 8 warps); ``benchmarks/bench_triton_op.py`` times the candidates on
+    a GPU, and ``SEQVISION_TRITON_TUNE`` overrides them (see ``_tuned``). num_stages=1: the time loop is serial,
+    and deeper pipelining of the per-step loads only costs shared memory (PREFETCH hides their latency instead).
     """
     block_d = max(16, 1 << (D - 1).bit_length())
     if device.type == "cpu":  # the interpreter: smallest legal tiles are the fastest to emulate
-        return dict(BLOCK_N=16, BLOCK_D=block_d, num_warps=1)
+        return dict(BLOCK_N=16, BLOCK_D=block_d, num_warps=1, PREFETCH=True)
+    tuned = _tuned().get(block_d)
+    if tuned is not None:
+        return dict(BLOCK_D=block_d, num_stages=1, **tuned)
     block_n = 32 if block_d <= 64 and dtype != torch.float32 else 16
-    return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8, num_stages=1)
+    return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8, num_stages=1, PREFETCH=True)
+
+
+def _tuned() -> dict[int, dict]:
+    """Launch settings from ``SEQVISION_TRITON_TUNE``: comma-separated ``BLOCK_D:BLOCK_N:num_warps:prefetch``
+    entries, e.g. ``64:32:8:1,128:16:8:1`` (for tuning runs; a malformed entry raises ValueError)."""
+    spec = os.environ.get("SEQVISION_TRITON_TUNE", "").strip()
+    out = {}
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        try:
+            block_d, block_n, warps, prefetch = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise ValueError(
+                f"SEQVISION_TRITON_TUNE entry {item!r}: expected BLOCK_D:BLOCK_N:num_warps:prefetch, e.g. 128:16:8:1"
+            ) from None
+        out[block_d] = dict(BLOCK_N=block_n, num_warps=warps, PREFETCH=bool(prefetch))
+    return out
 
 
 def _fits_gpu(D: int, dtype: torch.dtype) -> bool:
