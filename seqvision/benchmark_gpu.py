@@ -97,8 +97,10 @@ def measure(
     amp_dtype: torch.dtype | None,
     warmup: int,
     iters: int,
+    profile: int = 0,
 ) -> dict:
-    """Images per second and peak memory of one model in one mode ("infer" or "train")."""
+    """Images per second and peak memory of one model in one mode ("infer" or "train"); with ``profile`` > 0
+    also the ``profile`` operators/kernels that took the most device time over two more steps, as a table."""
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     target = torch.randint(0, 1000, (batch,), device=device)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
@@ -136,7 +138,19 @@ def measure(
     _sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"img_s": batch * iters / seconds, "ms_per_iter": 1e3 * seconds / iters, "peak_gib": peak}
+    out = {"img_s": batch * iters / seconds, "ms_per_iter": 1e3 * seconds / iters, "peak_gib": peak}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        on_gpu = device.type == "cuda"
+        with profiler(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                step()
+            _sync(device)
+        key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+        out["profile"] = prof.key_averages().table(sort_by=key, row_limit=profile, max_name_column_width=70)
+    return out
 
 
 def benchmark(
@@ -150,9 +164,13 @@ def benchmark(
     warmup: int = 5,
     iters: int = 20,
     log=print,
+    compile: bool = False,
+    profile: int = 0,
 ) -> list[dict]:
     """Measure every model in every mode; one result dict per (model, mode). Raises RuntimeError without CUDA
-    when ``device`` is "cuda". An out-of-memory run is recorded as such and the others go on."""
+    when ``device`` is "cuda". An out-of-memory run is recorded as such and the others go on. ``compile``:
+    every model under ``torch.compile`` (static shapes; the warm-up steps include the compilation);
+    ``profile``: see ``measure``."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device is available")
@@ -170,13 +188,16 @@ def benchmark(
             for mode in modes:
                 stats = {"triton": 0, "fallback": 0}
                 row = {"model": spec, "mode": mode, "batch": batch, "img_size": img_size, "amp": amp}
+                row["compiled"] = compile
                 if is_ours:
                     row["engine"] = eng
                 model = None
                 try:
                     model = build(spec).to(dev)
+                    if compile:
+                        model = torch.compile(model, dynamic=False)
                     with seqvision_engine(eng, stats) if is_ours else contextlib.nullcontext():
-                        row |= measure(model, mode, batch, img_size, dev, amp_dtype, warmup, iters)
+                        row |= measure(model, mode, batch, img_size, dev, amp_dtype, warmup, iters, profile)
                 except Exception as e:  # out of memory, or a model that cannot run here: record it, go on
                     error = "OOM" if isinstance(e, torch.cuda.OutOfMemoryError) else f"{type(e).__name__}: {e}"
                     row |= {"img_s": float("nan"), "ms_per_iter": float("nan"), "peak_gib": float("nan")}
@@ -190,6 +211,8 @@ def benchmark(
                     row |= {"triton_calls": stats["triton"], "fallback_calls": stats["fallback"]}
                 results.append(row)
                 log(format_row(row))
+                if "profile" in row:
+                    log(row["profile"])
     return results
 
 
@@ -197,8 +220,11 @@ def format_row(r: dict) -> str:
     note = r.get("error", "")
     if r.get("fallback_calls"):
         note += f" ({r['fallback_calls']} BiLSTM2D calls fell back from Triton)"
-    name = r["model"] + (f" ({r['engine']})" if "engine" in r else "")
-    return f"{name:<38} {r['mode']:<6} {r['img_s']:>10.1f} img/s {r['peak_gib']:>8.2f} GiB {note}"
+    return f"{_name(r):<46} {r['mode']:<6} {r['img_s']:>10.1f} img/s {r['peak_gib']:>8.2f} GiB {note}"
+
+
+def _name(r: dict) -> str:
+    return r["model"] + (f" ({r['engine']})" if "engine" in r else "") + (" compiled" if r.get("compiled") else "")
 
 
 def format_table(results: Sequence[dict], baseline: str = "timm:sequencer2d_s") -> str:
@@ -210,8 +236,7 @@ def format_table(results: Sequence[dict], baseline: str = "timm:sequencer2d_s") 
     ]
     for r in results:
         ratio = r["img_s"] / base[r["mode"]] if r["mode"] in base else float("nan")
-        name = r["model"] + (f" ({r['engine']})" if "engine" in r else "")
-        lines.append(f"| {name} | {r['mode']} | {r['img_s']:.1f} | {ratio:.2f}x | {r['peak_gib']:.2f} |")
+        lines.append(f"| {_name(r)} | {r['mode']} | {r['img_s']:.1f} | {ratio:.2f}x | {r['peak_gib']:.2f} |")
     return "\n".join(lines)
 
 
@@ -234,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--compile", action="store_true", help="run every model under torch.compile (static shapes)")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="print each row's N most expensive kernels")
     p.add_argument("--json", help="also write the results to this file")
     return p
 
@@ -246,7 +273,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         print(f"device: {torch.cuda.get_device_name(args.device)}, torch {torch.__version__}")
     results = benchmark(
-        args.models, args.modes, args.batch, args.img_size, args.device, args.amp, args.engine, args.warmup, args.iters
+        args.models,
+        args.modes,
+        args.batch,
+        args.img_size,
+        args.device,
+        args.amp,
+        args.engine,
+        args.warmup,
+        args.iters,
+        compile=args.compile,
+        profile=args.profile,
     )
     print()
     print(format_table(results))
