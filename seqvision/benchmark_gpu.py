@@ -59,7 +59,8 @@ def seqvision_engine(engine: str, stats: dict[str, int]) -> Iterator[None]:
 
     def rnn2d(x, rnn_v, rnn_h, union):
         out = triton_lstm.rnn2d_triton(x, rnn_v, rnn_h, union)
-        stats["triton" if out is not None else "fallback"] += 1
+        if not torch.compiler.is_compiling():  # a counter in the traced code would recompile at every call
+            stats["triton" if out is not None else "fallback"] += 1
         return out if out is not None else original(x, rnn_v, rnn_h, union)
 
     ops.rnn2d = rnn2d

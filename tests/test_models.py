@@ -67,6 +67,19 @@ def test_sequencer2d_s_shapes_at_224_and_392():
     assert [tuple(f.shape) for f in feats] == [(1, 192, 56, 56), (1, 384, 28, 28), (1, 384, 28, 28), (1, 384, 28, 28)]
 
 
+def test_every_block_sees_a_contiguous_channels_last_stream():
+    """The B x H x W x C stream stays dense from the stem on: strided inputs put every LayerNorm and residual add
+    on slow strided kernels (measured on an H100: over a third of the forward)."""
+    model = seqvision.create_model("sequencer2d_s").eval()
+    seen = []
+    for stage in model.stages:
+        for block in stage.blocks:
+            block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 96))
+    assert len(seen) == 18 and all(seen), seen
+
+
 @pytest.mark.parametrize("size", [(160, 288), (57, 30), (14, 14)])
 def test_any_input_size_including_non_square(size):
     model = tiny().eval()

@@ -267,6 +267,59 @@ def tiny_sequencer_end_to_end(device: str) -> None:
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
+def _layer_norm_pair(C: int, device: str) -> tuple[nn.Module, nn.Module]:
+    from seqvision import ops
+
+    ours = ops.LayerNorm(C, eps=1e-6).to(device)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    ref = nn.LayerNorm(C, eps=1e-6).to(device)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@check
+def layer_norm_one_pass(device: str) -> None:
+    """ops.LayerNorm's Triton forward (+ ATen backward) against nn.LayerNorm: fp32, autocast, odd sizes."""
+    from seqvision import ops
+    from seqvision.ops import layer_norm
+
+    torch.manual_seed(0)
+    calls = []
+    original = layer_norm.layer_norm_triton_op
+    layer_norm.layer_norm_triton_op = lambda *a: calls.append(1) or original(*a)
+    try:
+        for shape in ((2, 3, 5, 6), (37, 20), (2, 4, 3, 48)):  # C = 6 / 20 padded; 37 rows: a partial block
+            ours, ref = _layer_norm_pair(shape[-1], device)
+            x = torch.randn(*shape, device=device, requires_grad=True)
+            y, want = ours(x), ref(x)
+            torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+            g = torch.randn_like(want)
+            got = torch.autograd.grad(y, [x, ours.weight, ours.bias], g)
+            exp = torch.autograd.grad(want, [x, ref.weight, ref.bias], g)
+            for a, b in zip(got, exp, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    finally:
+        layer_norm.layer_norm_triton_op = original
+    assert len(calls) == 3, "the Triton path was not taken"
+
+    # Under autocast the output comes out in the autocast dtype: nn.LayerNorm's fp32 output, rounded.
+    ours, ref = _layer_norm_pair(20, device)
+    x = torch.randn(4, 3, 5, 20, device=device).transpose(1, 2)  # non-contiguous input
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y, want = ours(x), ref(x)
+        with ops.use_engine("reference"):
+            plain = ours(x)
+    assert y.dtype == torch.bfloat16 and want.dtype == plain.dtype == torch.float32
+    torch.testing.assert_close(y.float(), want.bfloat16().float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(plain, want, atol=0, rtol=0)  # the reference engine is nn.LayerNorm exactly
+
+    xs = torch.randn(3, 4, 20, device=device, requires_grad=True)
+    w, b = ours.weight.detach().requires_grad_(), ours.bias.detach()
+    torch.library.opcheck(layer_norm.layer_norm_triton_op, (xs, w, b, 1e-6, torch.float32))
+
+
 # -- pytest side ------------------------------------------------------------------------------------------------
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 

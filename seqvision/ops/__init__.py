@@ -10,6 +10,7 @@
 - ``traceable``: the reference computation as one custom op, for torch.export with symbolic H and W;
 - ``auto`` (default): Triton on CUDA where it covers the layer, the reference path everywhere else.
 
+``LayerNorm`` (nn.LayerNorm with a one-pass Triton forward on CUDA) follows the same engine choice.
 Any engine returns to the reference path for configurations it does not cover (GRU, tanh-RNN, ...).
 ``set_engine`` / ``use_engine`` choose; so does the environment variable ``SEQVISION_ENGINE``.
 """
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import EngineUnavailableError
+from .layer_norm import LayerNorm
 from .reference import UNIONS, join, rnn2d_reference, rnn2d_traceable, run_horizontal, run_vertical
 
 # "traceable": the reference computation as one custom op, so torch.export keeps H and W symbolic.
@@ -114,6 +116,7 @@ def rnn2d(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: 
 
 __all__ = [
     "ENGINES",
+    "LayerNorm",
     "UNIONS",
     "cpu_has_bf16",
     "get_engine",

@@ -1,4 +1,5 @@
-"""Triton kernels of the BiLSTM2D GPU engine (see ``triton_lstm``, which imports this module only when needed).
+"""Triton kernels of the GPU engine: the BiLSTM2D recurrence (``triton_lstm``) and LayerNorm (``layer_norm``);
+both import this module only when needed.
 
 Triton resolves the helpers a kernel calls through the module's globals, so the kernels live in their own
 module rather than in a function of ``triton_lstm`` (which must stay importable without triton).
@@ -270,3 +271,35 @@ def lstm2d_bwd_kernel(
         dh_rec = _dot(dzo_c, wo, dh_rec, PRECISION, UPCAST_DOT)
         if PREFETCH:
             i, f, g, o, dy, c_prev = ni, nf, ng, no, ndy, nc_prev
+
+
+@triton.jit
+def layer_norm_fwd_kernel(
+    x_ptr,  # M x C, contiguous
+    w_ptr,  # C
+    b_ptr,  # C
+    y_ptr,  # M x C, in the output dtype (the autocast dtype under autocast)
+    mean_ptr,  # M fp32, for the backward
+    rstd_ptr,  # M fp32
+    M,
+    C,
+    eps,
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_C: tl.constexpr,  # C padded to a power of two
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    mask_r = rows < M
+    mask_c = cols < C
+    mask = mask_r[:, None] & mask_c[None, :]
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=mask_r)
+    tl.store(rstd_ptr + rows, rstd, mask=mask_r)

@@ -1,0 +1,103 @@
+"""LayerNorm for the GPU engine: nn.LayerNorm whose CUDA forward is one Triton pass writing the compute dtype.
+
+Why: profiled on an H100 (bf16 autocast, batch 256, benchmarks/RESULTS.md), Sequencer2D-S's eager forward
+spent more time in LayerNorm and the elementwise kernels around it than in the LSTMs: under autocast
+nn.LayerNorm reads and writes fp32, and the Linear after it then casts its output to bf16 in another pass.
+This module does both in one pass (fp32 statistics, output in the autocast dtype, the dtype that Linear would
+cast it to anyway) and keeps nn.LayerNorm's parameters, state dict and backward (ATen's, from the saved mean
+and 1/std).
+
+It takes the Triton path only where the BiLSTM2D engine would (CUDA with triton, engine ``auto`` or
+``triton``, not while torch.compile traces: Inductor fuses the plain ops itself); everywhere else, including
+the ``reference`` engine and CPUs, it is nn.LayerNorm exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor, nn
+
+
+@functools.cache
+def _kernel():
+    from . import _triton_kernels as k
+
+    return k.layer_norm_fwd_kernel
+
+
+def _blocks(C: int, device: torch.device) -> dict:
+    block_c = max(16, 1 << (C - 1).bit_length())
+    block_m = max(1, 4096 // block_c)  # ~4K elements per program: enough rows in flight per SM
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4 if device.type == "cuda" else 1)
+
+
+@torch.library.custom_op("seqvision::layer_norm_triton", mutates_args=())
+def layer_norm_triton_op(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm over the last dimension; returns (y in ``out_dtype``, mean, 1/std), the statistics fp32 of
+    shape ``x.shape[:-1] + (1,)`` as ATen's native_layer_norm returns them."""
+    C = x.shape[-1]
+    x2 = x.contiguous().view(-1, C)
+    M = x2.shape[0]
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mean = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if M:
+        cfg = _blocks(C, x.device)
+        grid = ((M + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"],)
+        _kernel()[grid](x2, weight.contiguous(), bias.contiguous(), y, mean, rstd, M, C, eps, **cfg)
+    return y, mean, rstd
+
+
+@layer_norm_triton_op.register_fake
+def _(x, weight, bias, eps, out_dtype):
+    stats = x.new_empty(*x.shape[:-1], 1, dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=out_dtype), stats, torch.empty_like(stats)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, out_dtype = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        dy.to(x.dtype), x, [x.shape[-1]], mean, rstd, weight, bias, mask
+    )
+    return dx, dw, db, None, None
+
+
+layer_norm_triton_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over the last dimension; on CUDA one Triton pass whose output is in the autocast dtype
+    when autocast is on (see the module docstring). Same parameters and state dict as nn.LayerNorm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._fast_path(x):
+            on = torch.is_autocast_enabled(x.device.type)
+            out_dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
+            return layer_norm_triton_op(x, self.weight, self.bias, self.eps, out_dtype)[0]
+        return super().forward(x)
+
+    def _fast_path(self, x: Tensor) -> bool:
+        from . import get_engine, triton_lstm
+
+        return (
+            get_engine() in ("auto", "triton")
+            and not torch.compiler.is_compiling()
+            and triton_lstm.available(x)
+            and self.weight is not None
+            and self.bias is not None
+            and len(self.normalized_shape) == 1
+            and x.dtype == self.weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        )
