@@ -1,11 +1,11 @@
 """LayerNorm for the GPU engine: nn.LayerNorm whose CUDA forward is one Triton pass writing the compute dtype.
 
 Why: profiled on an H100 (bf16 autocast, batch 256, benchmarks/RESULTS.md), Sequencer2D-S's eager forward
-spent more time in LayerNorm and the elementwise kernels around it than in the LSTMs: under autocast
-nn.LayerNorm reads and writes fp32, and the Linear after it then casts its output to bf16 in another pass.
-This module does both in one pass (fp32 statistics, output in the autocast dtype, the dtype that Linear would
-cast it to anyway) and keeps nn.LayerNorm's parameters, state dict and backward (ATen's, from the saved mean
-and 1/std).
+spent 40% of its time in LayerNorm and the casts around it, more than in the LSTMs: under autocast the bf16
+stream is cast to fp32, normalised in fp32 and written as fp32, and the Linear after it casts that back to
+bf16 - three passes. This module does it in one (fp32 statistics, output in the autocast dtype, the dtype
+that Linear would cast it to anyway) and keeps nn.LayerNorm's parameters, state dict and backward (ATen's,
+from the saved mean and 1/std).
 
 It takes the Triton path only where the BiLSTM2D engine would (CUDA with triton, engine ``auto`` or
 ``triton``, not while torch.compile traces: Inductor fuses the plain ops itself); everywhere else, including
@@ -68,10 +68,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+    xw = x.to(weight.dtype)  # under autocast a bf16 stream meets fp32 parameters: ATen's backward wants one dtype
     dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-        dy.to(x.dtype), x, [x.shape[-1]], mean, rstd, weight, bias, mask
+        dy.to(xw.dtype), xw, [x.shape[-1]], mean, rstd, weight, bias, mask
     )
-    return dx, dw, db, None, None
+    return (dx.to(x.dtype) if dx is not None else None), dw, db, None, None
 
 
 layer_norm_triton_op.register_autograd(_backward, setup_context=_setup_context)
@@ -98,6 +99,8 @@ class LayerNorm(nn.LayerNorm):
             and self.weight is not None
             and self.bias is not None
             and len(self.normalized_shape) == 1
-            and x.dtype == self.weight.dtype
+            # Same dtype as the parameters, or under autocast (where the stream is bf16/fp16 from the stem's conv
+            # on and nn.LayerNorm would upcast it to fp32 in an extra pass, then cast its output back in another).
+            and (x.dtype == self.weight.dtype or torch.is_autocast_enabled(x.device.type))
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         )
