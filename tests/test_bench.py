@@ -4,6 +4,8 @@ Speed itself is measured by the benchmark scripts (benchmarks/RESULTS.md), never
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -73,6 +75,32 @@ def test_gpu_benchmark_code_path_on_cpu():
     assert all(r["img_s"] > 0 and "error" not in r for r in rows), rows
     table = benchmark_gpu.format_table(rows)
     assert "1.00x" in table  # timm's own rows are the baseline
+
+
+def test_gpu_benchmark_several_engines_and_profile_on_cpu():
+    rows = benchmark_gpu.benchmark(
+        ["seqvision:sequencer2d_s"], ["infer"], batch=1, img_size=32, device="cpu", amp="none",
+        engine="auto,reference", warmup=1, iters=1, log=lambda _: None, profile=3,
+    )
+    assert [r["engine"] for r in rows] == ["auto", "reference"]
+    assert all("error" not in r and "Self CPU" in r["profile"] for r in rows), rows
+    with pytest.raises(ValueError, match="engine 'cudnn'"):
+        benchmark_gpu.benchmark(["seqvision:sequencer2d_s"], ["infer"], device="cpu", engine="triton,cudnn")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter)")
+def test_triton_op_sweep_smoke_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "SEQVISION_TRITON_INTERPRET": "1"}
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_triton_op.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("| tiny | cudnn |") for line in lines)
+    triton_row = next(line for line in lines if line.startswith("| tiny | triton | 16:16:1:1 |"))
+    assert float(triton_row.split("|")[-2].strip()) < 2e-2  # bf16 error against fp32
+    assert lines[-1] == "SEQVISION_TRITON_TUNE=16:16:1:1"
 
 
 def test_bf16_skipped_where_the_cpu_has_no_bf16_hardware(monkeypatch, capsys):

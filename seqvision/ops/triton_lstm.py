@@ -76,10 +76,10 @@ def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Block sizes, warps, pipelining depth and whether each step prefetches the next step's inputs.
 
     BLOCK_D is D padded to a power of two (tl.dot needs >= 16; Sequencer's D = 48 / 96 become 64 / 128). The
-    GPU defaults come from compiling for sm_90 without a GPU and reading ptxas's register/spill report (the
-    largest tile of sequences with no spills, 8 warps); ``benchmarks/bench_triton_op.py`` times the candidates on
-    a GPU, and ``SEQVISION_TRITON_TUNE`` overrides them (see ``_tuned``). num_stages=1: the time loop is serial,
-    and deeper pipelining of the per-step loads only costs shared memory (PREFETCH hides their latency instead).
+    GPU defaults are the fastest of ``benchmarks/bench_triton_op.py``'s sweep on an H100 (bf16, batch 256,
+    inference + training time of one mixer; benchmarks/RESULTS.md): 16 sequences per program, 8 warps, prefetch
+    on, at both hidden sizes. Prefetching made the recurrence alone 1.6x (stage 1 shape) and 1.7x (stages 2-4)
+    faster. ``SEQVISION_TRITON_TUNE`` overrides them (see ``_tuned``). num_stages=1: the time loop is serial.
     """
     block_d = max(16, 1 << (D - 1).bit_length())
     if device.type == "cpu":  # the interpreter: smallest legal tiles are the fastest to emulate
@@ -87,8 +87,7 @@ def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
     tuned = _tuned().get(block_d)
     if tuned is not None:
         return dict(BLOCK_D=block_d, num_stages=1, **tuned)
-    block_n = 32 if block_d <= 64 and dtype != torch.float32 else 16
-    return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8, num_stages=1, PREFETCH=True)
+    return dict(BLOCK_N=16, BLOCK_D=block_d, num_warps=8, num_stages=1, PREFETCH=True)
 
 
 def _tuned() -> dict[int, dict]:
