@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 8's GPU session in one command (about 8 minutes on an H100): versions, the Triton engine's GPU tests
-# (parity with the reference path and with timm's model), the op-level sweep of launch settings against cuDNN,
-# then the model benchmark (seqvision Triton / cuDNN vs timm's sequencer2d and convnext_tiny) with the fastest
-# settings. Logs and JSON (7 files) go to $OUT (default /tmp/gpu_check). Run from the repository root:
+# Issue 8's GPU session in one command (at most 9 minutes; the eager part took 2 on an H100): versions, the
+# Triton engine's GPU tests (parity with the reference path and with timm's model), the op-level sweep of launch
+# settings against cuDNN, the model benchmark (seqvision Triton / cuDNN vs timm's sequencer2d and convnext_tiny)
+# with the fastest settings, a kernel profile, torch.compile rows, then M and L while time is left. Logs and
+# JSON (8 files) go to $OUT (default /tmp/gpu_check). Run from the repository root:
 #
 #     bash benchmarks/gpu_check.sh
 set -u
@@ -44,11 +45,22 @@ SEQVISION_TRITON_TUNE=$TUNE timeout 200 $PY benchmarks/bench_gpu.py \
 echo "model bench rc $?"
 sed -n '/^| model/,$p' "$OUT/model_s.log"
 
-if ((SECONDS - t0 < 380)); then
+step "where the time goes: seqvision inference, top kernels"
+timeout 60 $PY benchmarks/bench_gpu.py --models seqvision:sequencer2d_s --modes infer --warmup 2 --iters 3 \
+    --profile 14 >"$OUT/profile.log" 2>&1
+echo "profile rc $?"
+
+step "torch.compile, inference (compilation included in the warm-up)"
+SEQVISION_TRITON_TUNE=$TUNE timeout $((480 - (SECONDS - t0))) $PY benchmarks/bench_gpu.py --compile --modes infer \
+    --models seqvision:sequencer2d_s timm:sequencer2d_s --warmup 3 --iters 10 >"$OUT/compiled.log" 2>&1
+echo "compiled rc $?"
+grep -E "img/s" "$OUT/compiled.log"
+
+if ((SECONDS - t0 < 420)); then
     step "model benchmark, larger variants"
-    SEQVISION_TRITON_TUNE=$TUNE timeout $((500 - (SECONDS - t0))) $PY benchmarks/bench_gpu.py \
+    SEQVISION_TRITON_TUNE=$TUNE timeout $((540 - (SECONDS - t0))) $PY benchmarks/bench_gpu.py \
         --models seqvision:sequencer2d_l timm:sequencer2d_l seqvision:sequencer2d_m timm:sequencer2d_m \
-        --engine triton --warmup 2 --iters 6 --json "$OUT/model_ml.json" >"$OUT/model_ml.log" 2>&1
+        --engine triton --warmup 2 --iters 6 >"$OUT/model_ml.log" 2>&1
     echo "model bench M/L rc $?"
     grep -E "img/s" "$OUT/model_ml.log"
 fi
