@@ -1,11 +1,11 @@
 """LayerNorm for the GPU engine: nn.LayerNorm whose CUDA forward is one Triton pass writing the compute dtype.
 
-Why: profiled on an H100 (bf16 autocast, batch 256, benchmarks/RESULTS.md), Sequencer2D-S's eager forward
-spent 40% of its time in LayerNorm and the casts around it, more than in the LSTMs: under autocast the bf16
-stream is cast to fp32, normalised in fp32 and written as fp32, and the Linear after it casts that back to
-bf16 - three passes. This module does it in one (fp32 statistics, output in the autocast dtype, the dtype
-that Linear would cast it to anyway) and keeps nn.LayerNorm's parameters, state dict and backward (ATen's,
-from the saved mean and 1/std).
+Why: profiled on an H100 (bf16 autocast, batch 256, benchmarks/RESULTS.md), a third of Sequencer2D-S's eager
+forward went to LayerNorm (7.6 ms) and a dtype cast per LayerNorm (3.6 ms) out of 33.4 ms, more than the LSTM
+recurrences took: under autocast nn.LayerNorm writes fp32, and the Linear after it casts that to bf16 in
+another pass. This module does it in one pass (fp32 statistics, output in the autocast dtype, the dtype that
+Linear would cast it to anyway) and keeps nn.LayerNorm's parameters, state dict and backward (ATen's, from the
+saved mean and 1/std). Its effect on the whole model has not been measured yet (RESULTS.md says why).
 
 It takes the Triton path only where the BiLSTM2D engine would (CUDA with triton, engine ``auto`` or
 ``triton``, not while torch.compile traces: Inductor fuses the plain ops itself); everywhere else, including
