@@ -38,7 +38,7 @@ from .. import ops
 from ..errors import InputError
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-# nn.LayerNorm everywhere but on the GPU engine, where it is one Triton pass (seqvision/ops/layer_norm.py).
+# The blocks' norms: nn.LayerNorm, except on the GPU engine, where each is one Triton pass (ops/layer_norm.py).
 LayerNorm = partial(ops.LayerNorm, eps=1e-6)
 
 
@@ -268,7 +268,8 @@ class Sequencer(nn.Module):
             k, prev_dim, reduction = k + depth, dim, reduction * patch_sizes[i]
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.norm = LayerNorm(embed_dims[-1])
+        # Plain nn.LayerNorm: forward_features keeps timm's output dtype under autocast (fp32).
+        self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)
         self.head = ClassifierHead(embed_dims[-1], num_classes, drop_rate)
         self.init_weights()
 
