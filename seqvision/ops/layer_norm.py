@@ -78,6 +78,22 @@ def _backward(ctx, dy, _dmean, _drstd):
 layer_norm_triton_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _runs_here(x: Tensor, param_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    from .triton_lstm import runs_here
+
+    C, device = x.shape[-1], x.device
+
+    def probe() -> None:
+        w = torch.ones(C, device=device, dtype=param_dtype)
+        layer_norm_triton_op(torch.randn(4, C, device=device, dtype=x.dtype), w, w, 1e-6, out_dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    block_c = _blocks(C, device)["BLOCK_C"]
+    what = f"the Triton LayerNorm kernel ({x.dtype} -> {out_dtype}, {C} channels)"
+    return runs_here(("layer_norm", str(device), x.dtype, param_dtype, out_dtype, block_c), probe, what)
+
+
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm over the last dimension; on CUDA one Triton pass whose output is in the autocast dtype
     when autocast is on (see the module docstring). Same parameters and state dict as nn.LayerNorm."""
@@ -86,7 +102,8 @@ class LayerNorm(nn.LayerNorm):
         if self._fast_path(x):
             on = torch.is_autocast_enabled(x.device.type)
             out_dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
-            return layer_norm_triton_op(x, self.weight, self.bias, self.eps, out_dtype)[0]
+            if _runs_here(x, self.weight.dtype, out_dtype):
+                return layer_norm_triton_op(x, self.weight, self.bias, self.eps, out_dtype)[0]
         return super().forward(x)
 
     def _fast_path(self, x: Tensor) -> bool:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -256,6 +258,53 @@ def _backward(ctx, dy, _dgates, _dc):
 rnn2d_triton_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# -- First use on a device: do the kernels compile and launch here? --------------------------------------------
+_RUNS_HERE: dict[tuple, bool] = {}
+
+
+def runs_here(key: tuple, probe: Callable[[], None], what: str) -> bool:
+    """Whether ``probe`` (launching some kernels on a small input) works; tried once per ``key`` and remembered.
+
+    Triton compiles for the GPU it finds: on one without bf16 tensor cores (before sm_80), or with less shared
+    memory per block than a kernel needs (consumer GPUs have ~100 KiB, an H100 227), the first launch raises.
+    Then one warning names ``what`` and the reason, and the caller keeps using the torch path for ``key``.
+    While torch.compile traces or a CUDA graph is captured nothing can be launched: it answers True there, and
+    an eager call made before (a warm-up) has settled the question.
+    """
+    if key in _RUNS_HERE:
+        return _RUNS_HERE[key]
+    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return True
+    try:
+        with torch.no_grad():
+            probe()
+    except Exception as e:  # compilation error, out of resources, unsupported dtype on this GPU ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        warnings.warn(f"seqvision: {what} cannot run here ({reason}); using the torch path instead", stacklevel=3)
+        _RUNS_HERE[key] = False
+    else:
+        _RUNS_HERE[key] = True
+    return _RUNS_HERE[key]
+
+
+def _recurrence_runs_here(device: torch.device, dtype: torch.dtype, D: int, ndir: int) -> bool:
+    def probe() -> None:
+        B, H, W = (16, 16, 16) if device.type == "cuda" else (1, 2, 2)  # 16: the specialisation of real shapes
+        gx = torch.randn(B, H, W, ndir * 4 * D, device=device, dtype=dtype)
+        w = 0.1 * torch.randn(ndir, 4 * D, D, device=device)
+        dirs = [V_FWD, V_BWD, H_FWD, H_BWD][:ndir]
+        rnn2d_triton_op(gx, w, dirs, False)  # inference kernel
+        y, gates, c = rnn2d_triton_op(gx, w, dirs, True)  # training: forward that saves, then backward
+        rnn2d_triton_backward_op(torch.ones_like(y), gates, c, y, w, dirs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    cfg = tuple(sorted(_config(D, dtype, device).items()))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the Triton interpreter"
+    what = f"the Triton BiLSTM2D kernels ({name}, {dtype}, hidden size {D})"
+    return runs_here(("rnn2d", str(device), dtype, D, ndir, cfg), probe, what)
+
+
 # -- Entry point used by the dispatcher ------------------------------------------------------------------------
 def _supported(rnn: nn.Module) -> bool:
     return type(rnn) is nn.LSTM and rnn.num_layers == 1 and rnn.batch_first and rnn.proj_size == 0
@@ -278,6 +327,10 @@ def rnn2d_triton(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, 
         return None
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     if x.is_cuda and not _fits_gpu(first.hidden_size, dtype):
+        return None
+
+    ndir = sum(2 if r.bidirectional else 1 for _, r in rnns)
+    if not _recurrence_runs_here(x.device, dtype, first.hidden_size, ndir):
         return None
 
     # Direction slices in the output order [vertical fwd | vertical bwd | horizontal fwd | horizontal bwd].
