@@ -17,7 +17,10 @@ Split of the work (issue 8):
 Covered: nn.LSTM, one layer, batch_first, no projection, bidirectional or not, any union ("cat", "add",
 one axis only), bf16 / fp16 (fp32 cell state) and fp32; on a GPU hidden size <= 128 (<= 64 in fp32), which
 includes every Sequencer2D variant but sequencer2d_s_h2x's wider stages. Anything else (GRU, tanh RNN, two axes
-with different hidden sizes ...) returns None so the dispatcher falls back to cuDNN via nn.LSTM.
+with different hidden sizes ...) returns None so the dispatcher falls back to cuDNN via nn.LSTM. The kernels
+keep W_hh on chip: at D = 96 (padded to 128) they need 136-148 KiB of shared memory per block (ptxas, sm_80 to
+sm_90), which A100/H100-class GPUs have and RTX 30xx/40xx-class ones (~100 KiB) do not; there the first use
+fails, warns once, and those layers run on cuDNN (``runs_here``). D = 48 needs 36-42 KiB and runs everywhere.
 
 Triton is imported lazily: a CPU-only install without triton imports seqvision fine. For CPU testing set
 ``TRITON_INTERPRET=1`` (before triton is imported) and ``SEQVISION_TRITON_INTERPRET=1``; the kernels then run
