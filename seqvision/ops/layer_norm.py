@@ -89,8 +89,10 @@ def _runs_here(x: Tensor, param_dtype: torch.dtype, out_dtype: torch.dtype) -> b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def what() -> str:
+        return f"the Triton LayerNorm kernel ({x.dtype} -> {out_dtype}, {C} channels)"
+
     block_c = _blocks(C, device)["BLOCK_C"]
-    what = f"the Triton LayerNorm kernel ({x.dtype} -> {out_dtype}, {C} channels)"
     return runs_here(("layer_norm", str(device), x.dtype, param_dtype, out_dtype, block_c), probe, what)
 
 

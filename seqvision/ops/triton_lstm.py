@@ -265,12 +265,12 @@ rnn2d_triton_op.register_autograd(_backward, setup_context=_setup_context)
 _RUNS_HERE: dict[tuple, bool] = {}
 
 
-def runs_here(key: tuple, probe: Callable[[], None], what: str) -> bool:
+def runs_here(key: tuple, probe: Callable[[], None], what: Callable[[], str]) -> bool:
     """Whether ``probe`` (launching some kernels on a small input) works; tried once per ``key`` and remembered.
 
     Triton compiles for the GPU it finds: on one without bf16 tensor cores (before sm_80), or with less shared
     memory per block than a kernel needs (consumer GPUs have ~100 KiB, an H100 227), the first launch raises.
-    Then one warning names ``what`` and the reason, and the caller keeps using the torch path for ``key``.
+    Then one warning names ``what()`` and the reason, and the caller keeps using the torch path for ``key``.
     While torch.compile traces or a CUDA graph is captured nothing can be launched: it answers True there, and
     an eager call made before (a warm-up) has settled the question.
     """
@@ -283,7 +283,7 @@ def runs_here(key: tuple, probe: Callable[[], None], what: str) -> bool:
             probe()
     except Exception as e:  # compilation error, out of resources, unsupported dtype on this GPU ...
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        warnings.warn(f"seqvision: {what} cannot run here ({reason}); using the torch path instead", stacklevel=3)
+        warnings.warn(f"seqvision: {what()} cannot run here ({reason}); using the torch path instead", stacklevel=3)
         _RUNS_HERE[key] = False
     else:
         _RUNS_HERE[key] = True
@@ -302,9 +302,11 @@ def _recurrence_runs_here(device: torch.device, dtype: torch.dtype, D: int, ndir
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def what() -> str:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the Triton interpreter"
+        return f"the Triton BiLSTM2D kernels ({name}, {dtype}, hidden size {D})"
+
     cfg = tuple(sorted(_config(D, dtype, device).items()))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the Triton interpreter"
-    what = f"the Triton BiLSTM2D kernels ({name}, {dtype}, hidden size {D})"
     return runs_here(("rnn2d", str(device), dtype, D, ndir, cfg), probe, what)
 
 
