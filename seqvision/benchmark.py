@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
             "CPU benchmark of seqvision's Sequencer2D (fused and reference engines) against timm's "
             "Sequencer2D and ConvNeXt-T: img/s, ms/img, peak memory, GFLOP/s and fraction of GEMM peak.\n\n"
             "int8 rows: torch's dynamic quantisation (LSTM and Linear weights int8, inference only).\n"
-            "--device cuda runs the GPU benchmark instead (seqvision.benchmark_gpu: Triton engine, AMP, batch 256).\n\n"
+            "--device cuda runs the GPU benchmark instead (seqvision.benchmark_gpu: Triton engine, AMP, batch 256;\n"
+            "eager rows, then torch.compile rows unless --no-compile).\n\n"
             "examples:\n"
             "  seqvision bench --model sequencer2d_s --batch 1,8 --dtype fp32,bf16 --iters 10\n"
             "  seqvision bench --batch 8 --dtype fp32 --train --no-compile\n"
@@ -287,6 +288,7 @@ def _run_gpu(args: argparse.Namespace) -> int:
     argv += ["--img-size", str(args.img_size), "--iters", str(args.iters), "--warmup", str(args.warmup)]
     argv += ["--modes", "train"] if args.train else ["--modes", "infer"]
     argv += ["--amp", "none" if args.dtype.strip() == "fp32" else "bf16"]
+    argv += [] if args.no_compile else ["--also-compiled"]
     return benchmark_gpu.main(argv)
 
 

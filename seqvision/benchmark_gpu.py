@@ -8,6 +8,7 @@ One run, same process, same settings for every model: AMP (bf16 by default), bat
     python benchmarks/bench_gpu.py --modes infer --models seqvision:sequencer2d_s timm:sequencer2d_s
     python benchmarks/bench_gpu.py --json results.json
     python benchmarks/bench_gpu.py --engine triton,reference      # seqvision rows with Triton and with cuDNN
+    python benchmarks/bench_gpu.py --also-compiled --modes infer  # eager rows, then under torch.compile
 
 Targets (issue 8): seqvision sequencer2d_s inference >= 2x timm's, training >= 1.5x.
 Without a CUDA device the script prints a message and exits with status 0 (``--device cpu`` is a smoke test of
@@ -229,10 +230,14 @@ def _name(r: dict) -> str:
 
 
 def format_table(results: Sequence[dict], baseline: str = "timm:sequencer2d_s") -> str:
-    """Markdown table, with each row's speed relative to ``baseline`` in the same mode."""
-    base = {r["mode"]: r["img_s"] for r in results if r["model"] == baseline}
+    """Markdown table, with each row's speed relative to ``baseline`` in the same mode (its eager row where the
+    table has one, else its compiled row)."""
+    rows = [r for r in results if r["model"] == baseline]
+    eager = [r for r in rows if not r.get("compiled")]
+    base = {r["mode"]: r["img_s"] for r in (eager or rows)}
+    mixed = eager and any(r.get("compiled") for r in results)
     lines = [
-        f"| model | mode | img/s | vs {baseline} | peak memory (GiB) |",
+        f"| model | mode | img/s | vs {baseline}{' eager' if mixed else ''} | peak memory (GiB) |",
         "|---|---|---:|---:|---:|",
     ]
     for r in results:
@@ -261,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--compile", action="store_true", help="run every model under torch.compile (static shapes)")
+    p.add_argument("--also-compiled", action="store_true", help="eager rows, then the same under torch.compile")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print each row's N most expensive kernels")
     p.add_argument("--json", help="also write the results to this file")
     return p
@@ -286,6 +292,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile=args.compile,
         profile=args.profile,
     )
+    if args.also_compiled and not args.compile:
+        results += benchmark(
+            args.models,
+            args.modes,
+            args.batch,
+            args.img_size,
+            args.device,
+            args.amp,
+            args.engine,
+            args.warmup,
+            args.iters,
+            compile=True,
+        )
     print()
     print(format_table(results))
     if args.json:

@@ -88,6 +88,17 @@ def test_gpu_benchmark_several_engines_and_profile_on_cpu():
         benchmark_gpu.benchmark(["seqvision:sequencer2d_s"], ["infer"], device="cpu", engine="triton,cudnn")
 
 
+def test_gpu_table_compares_with_timm_eager_when_compiled_rows_follow():
+    row = lambda model, compiled, img_s: dict(model=model, mode="infer", img_s=img_s, peak_gib=1.0, compiled=compiled)
+    rows = [row("timm:sequencer2d_s", False, 100.0), row("seqvision:sequencer2d_s", False, 150.0),
+            row("timm:sequencer2d_s", True, 200.0), row("seqvision:sequencer2d_s", True, 300.0)]
+    table = benchmark_gpu.format_table(rows)
+    assert "vs timm:sequencer2d_s eager" in table
+    assert [r[3] for r in _table_rows(table)[1:]] == ["1.00x", "1.50x", "2.00x", "3.00x"]
+    only_compiled = benchmark_gpu.format_table(rows[2:])  # a --compile run: its own timm row is the baseline
+    assert [r[3] for r in _table_rows(only_compiled)[1:]] == ["1.00x", "1.50x"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter)")
 def test_triton_op_sweep_smoke_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "SEQVISION_TRITON_INTERPRET": "1"}
