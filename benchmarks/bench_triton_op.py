@@ -54,19 +54,22 @@ def _setup(shape: tuple[int, int, int, int], batch: int, device: str):
     return x, rv, rh
 
 
-def _runner(engine: str, x, rv, rh, mode: str) -> Callable[[], None]:
+def _forward(engine: str, x, rv, rh) -> torch.Tensor:
+    """The mixer under bf16 autocast: cuDNN (the reference path) or the Triton engine."""
     from seqvision.ops.reference import rnn2d_reference
     from seqvision.ops.triton_lstm import rnn2d_triton
 
-    def forward():
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            if engine == "cudnn":
-                return rnn2d_reference(x, rv, rh, "cat")
-            y = rnn2d_triton(x, rv, rh, "cat")
-            if y is None:
-                raise RuntimeError("the Triton engine declined this configuration")
-            return y
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        if engine == "cudnn":
+            return rnn2d_reference(x, rv, rh, "cat")
+        y = rnn2d_triton(x, rv, rh, "cat")
+    if y is None:
+        raise RuntimeError("the Triton engine declined this configuration")
+    return y
 
+
+def _runner(engine: str, x, rv, rh, mode: str) -> Callable[[], None]:
+    forward = lambda: _forward(engine, x, rv, rh)
     if mode == "infer":
 
         def step():
@@ -103,16 +106,8 @@ def _recurrence_only(x, rv, rh) -> tuple[Callable[[], None], Callable[[], None]]
 
 def _rel_err(engine: str, x, rv, rh, ref: torch.Tensor) -> float:
     with torch.no_grad():
-        y = _runner_output(engine, x, rv, rh)
+        y = _forward(engine, x, rv, rh)
     return ((y.float() - ref).norm() / ref.norm()).item()
-
-
-def _runner_output(engine, x, rv, rh):
-    from seqvision.ops.reference import rnn2d_reference
-    from seqvision.ops.triton_lstm import rnn2d_triton
-
-    with torch.autocast(x.device.type, dtype=torch.bfloat16):
-        return rnn2d_reference(x, rv, rh, "cat") if engine == "cudnn" else rnn2d_triton(x, rv, rh, "cat")
 
 
 def jobs() -> list[tuple[str, int, tuple[int, int, int]]]:
