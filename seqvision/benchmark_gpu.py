@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import sys
@@ -279,32 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.device.startswith("cuda"):
         print(f"device: {torch.cuda.get_device_name(args.device)}, torch {torch.__version__}")
-    results = benchmark(
-        args.models,
-        args.modes,
-        args.batch,
-        args.img_size,
-        args.device,
-        args.amp,
-        args.engine,
-        args.warmup,
-        args.iters,
-        compile=args.compile,
-        profile=args.profile,
-    )
+    run = functools.partial(
+        benchmark, args.models, args.modes, args.batch, args.img_size, args.device, args.amp, args.engine,
+        args.warmup, args.iters,
+    )  # fmt: skip
+    results = run(compile=args.compile, profile=args.profile)
     if args.also_compiled and not args.compile:
-        results += benchmark(
-            args.models,
-            args.modes,
-            args.batch,
-            args.img_size,
-            args.device,
-            args.amp,
-            args.engine,
-            args.warmup,
-            args.iters,
-            compile=True,
-        )
+        results += run(compile=True)
     print()
     print(format_table(results))
     if args.json:
