@@ -406,6 +406,20 @@ def layer_norm_one_pass(device: str) -> None:
     torch.testing.assert_close(got[1], exp[1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got[2], exp[2], atol=1e-5, rtol=1e-4)
 
+    # A bf16 model without autocast (bf16 parameters too): forward and backward, against fp32 on the same values.
+    ours16 = copy.deepcopy(ours).bfloat16()
+    xb = torch.randn(3, 4, 20, device=device).bfloat16().requires_grad_()
+    y = ours16(xb)
+    xf = xb.detach().float().requires_grad_()
+    want = ref(xf)
+    assert y.dtype == torch.bfloat16
+    g = torch.randn_like(want).bfloat16()
+    got = torch.autograd.grad(y, [xb, ours16.weight, ours16.bias], g)
+    exp = torch.autograd.grad(want, [xf, ref.weight, ref.bias], g.float())
+    for a, e in zip([y, *got], [want, *exp], strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), e, atol=5e-2, rtol=2e-2)
+
     xs = torch.randn(3, 4, 20, device=device, requires_grad=True)
     w, b = ours.weight.detach().requires_grad_(), ours.bias.detach()
     torch.library.opcheck(layer_norm.layer_norm_triton_op, (xs, w, b, 1e-6, torch.float32))

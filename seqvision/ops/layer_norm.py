@@ -68,11 +68,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-    xw = x.to(weight.dtype)  # under autocast a bf16 stream meets fp32 parameters: ATen's backward wants one dtype
+    # In fp32 whatever the dtypes: ATen's backward wants one dtype for x and the parameters (under autocast a
+    # bf16 stream meets fp32 ones), and on CPUs statistics in x's dtype; ours are fp32.
+    f32 = lambda t: t.to(torch.float32)
     dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-        dy.to(xw.dtype), xw, [x.shape[-1]], mean, rstd, weight, bias, mask
+        f32(dy), f32(x), [x.shape[-1]], mean, rstd, f32(weight), f32(bias), mask
     )
-    return (dx.to(x.dtype) if dx is not None else None), dw, db, None, None
+    cast = lambda g, like: g.to(like.dtype) if g is not None else None
+    return cast(dx, x), cast(dw, weight), cast(db, bias), None, None
 
 
 layer_norm_triton_op.register_autograd(_backward, setup_context=_setup_context)
