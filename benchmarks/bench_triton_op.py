@@ -38,7 +38,9 @@ CANDIDATES = {
 
 
 def _block_d(D: int) -> int:
-    return max(16, 1 << (D - 1).bit_length())
+    from seqvision.ops.triton_lstm import block_size  # imported late: main() puts the repository on sys.path
+
+    return block_size(D)
 
 
 def _tune(block_d: int, cand: tuple[int, int, int]) -> str:

@@ -19,6 +19,8 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from . import triton_lstm
+
 
 @functools.cache
 def _kernel():
@@ -28,7 +30,7 @@ def _kernel():
 
 
 def _blocks(C: int, device: torch.device) -> dict:
-    block_c = max(16, 1 << (C - 1).bit_length())
+    block_c = triton_lstm.block_size(C)
     block_m = max(1, 4096 // block_c)  # ~4K elements per program: enough rows in flight per SM
     return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4 if device.type == "cuda" else 1)
 
@@ -82,8 +84,6 @@ layer_norm_triton_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _runs_here(x: Tensor, param_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    from .triton_lstm import runs_here
-
     C, device = x.shape[-1], x.device
 
     def probe() -> None:
@@ -96,7 +96,7 @@ def _runs_here(x: Tensor, param_dtype: torch.dtype, out_dtype: torch.dtype) -> b
         return f"the Triton LayerNorm kernel ({x.dtype} -> {out_dtype}, {C} channels)"
 
     block_c = _blocks(C, device)["BLOCK_C"]
-    return runs_here(("layer_norm", str(device), x.dtype, param_dtype, out_dtype, block_c), probe, what)
+    return triton_lstm.runs_here(("layer_norm", str(device), x.dtype, param_dtype, out_dtype, block_c), probe, what)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -112,7 +112,7 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x)
 
     def _fast_path(self, x: Tensor) -> bool:
-        from . import get_engine, triton_lstm
+        from . import get_engine  # defined in the package after this module is imported
 
         return (
             get_engine() in ("auto", "triton")

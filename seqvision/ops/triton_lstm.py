@@ -77,6 +77,11 @@ def _kernels():
 
 
 # -- Launch configuration --------------------------------------------------------------------------------------
+def block_size(n: int) -> int:
+    """``n`` padded to a power of two, at least 16 (tl.dot's smallest operand); masks hide the padding."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Block sizes, warps, pipelining depth and whether each step prefetches the next step's inputs.
 
@@ -86,7 +91,7 @@ def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
     on, at both hidden sizes. Prefetching made the recurrence alone 1.6x (stage 1 shape) and 1.7x (stages 2-4)
     faster. ``SEQVISION_TRITON_TUNE`` overrides them (see ``_tuned``). num_stages=1: the time loop is serial.
     """
-    block_d = max(16, 1 << (D - 1).bit_length())
+    block_d = block_size(D)
     if device.type == "cpu":  # the interpreter: smallest legal tiles are the fastest to emulate
         return dict(BLOCK_N=16, BLOCK_D=block_d, num_warps=1, PREFETCH=True)
     tuned = _tuned().get(block_d)
@@ -114,8 +119,7 @@ def _tuned() -> dict[int, dict]:
 def _fits_gpu(D: int, dtype: torch.dtype) -> bool:
     """Whether the kernels fit one SM at this hidden size (W_hh is held on chip): sm_90 compiles need 136-148 KiB
     of shared memory for 16-bit D <= 128, but over 227 KiB for fp32 at D > 64 or any dtype at D > 128."""
-    block_d = max(16, 1 << (D - 1).bit_length())
-    return block_d <= (64 if dtype == torch.float32 else 128)
+    return block_size(D) <= (64 if dtype == torch.float32 else 128)
 
 
 def _precision(dtype: torch.dtype) -> str:
