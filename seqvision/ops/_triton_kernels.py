@@ -44,6 +44,24 @@ def _seq_layout(dir_codes, pid_d, H, W):
 
 
 @triton.jit
+def _tile(pid_d, pid_n, N, S, stride_s, H, W, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (direction ``pid_d``, tile ``pid_n``)'s indices, shared by the forward and backward kernels:
+    hidden-unit offsets (j: output, k: input), the (sequence, unit) mask, the W_hh mask, the first position of
+    each of its sequences, and its direction's columns in the gate (4D-wide) and output (D-wide) slices."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_D)
+    mask_j = offs_j < D
+    mask_kj = (offs_k[:, None] < D) & mask_j[None, :]
+    mask = (offs_n < N)[:, None] & mask_j[None, :]
+    # In int64: B*H*W*NDIR*4D can pass 2**31 at large batch/resolution.
+    base = (offs_n // S).to(tl.int64) * H * W + (offs_n % S).to(tl.int64) * stride_s
+    g_cols = pid_d * 4 * D + offs_j[None, :]
+    o_cols = pid_d * D + offs_j[None, :]
+    return offs_j, offs_k, mask, mask_kj, base, g_cols, o_cols
+
+
+@triton.jit
 def _load_gx(gx_ptr, base, rev, T, stride_t, s, g_stride, g_cols, D, mask):
     """The four gate projections (fp32) of step ``s`` of each sequence in the tile."""
     t = s + rev * (T - 1 - 2 * s)
@@ -112,23 +130,13 @@ def lstm2d_fwd_kernel(
     if pid_n * BLOCK_N >= N:  # the other axis has more sequences; nothing to do for this one
         return
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_j = tl.arange(0, BLOCK_D)
-    offs_k = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    mask_j = offs_j < D
-    mask = mask_n[:, None] & mask_j[None, :]
-    mask_kj = (offs_k[:, None] < D) & mask_j[None, :]
-    # First position of each sequence, in int64 (B*H*W*NDIR*4D can pass 2**31 at large batch/resolution).
-    base = (offs_n // S).to(tl.int64) * H * W + (offs_n % S).to(tl.int64) * stride_s
+    offs_j, offs_k, mask, mask_kj, base, g_cols, o_cols = _tile(pid_d, pid_n, N, S, stride_s, H, W, D, BLOCK_N, BLOCK_D)
     g_stride = NDIR * 4 * D
     o_stride = NDIR * D
-    g_cols = pid_d * 4 * D + offs_j[None, :]
-    o_cols = pid_d * D + offs_j[None, :]
     d_base = pid_d * 4 * D * D
 
-    # W_hh stays in registers for the whole sequence. (Re-reading it from L1/L2 every step was tried: ptxas
-    # reports more register spills for that variant at every tile size, not fewer.)
+    # W_hh stays on chip for the whole sequence (ptxas: in shared memory, 136-148 KiB at BLOCK_D = 128).
+    # Re-reading it from L1/L2 every step was tried: ptxas reports more register spills for that variant.
     wi = _load_w_t(w_ptr, d_base, 0, D, offs_k, offs_j, mask_kj)
     wf = _load_w_t(w_ptr, d_base, 1, D, offs_k, offs_j, mask_kj)
     wg = _load_w_t(w_ptr, d_base, 2, D, offs_k, offs_j, mask_kj)
@@ -200,18 +208,9 @@ def lstm2d_bwd_kernel(
     if pid_n * BLOCK_N >= N:
         return
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_j = tl.arange(0, BLOCK_D)
-    offs_k = tl.arange(0, BLOCK_D)
-    mask_j = offs_j < D
-    mask_kj = (offs_k[:, None] < D) & mask_j[None, :]
-    mask_n = offs_n < N
-    mask = mask_n[:, None] & mask_j[None, :]
-    base = (offs_n // S).to(tl.int64) * H * W + (offs_n % S).to(tl.int64) * stride_s
+    offs_j, offs_k, mask, mask_kj, base, g_cols, o_cols = _tile(pid_d, pid_n, N, S, stride_s, H, W, D, BLOCK_N, BLOCK_D)
     g_stride = NDIR * 4 * D
     o_stride = NDIR * D
-    g_cols = pid_d * 4 * D + offs_j[None, :]
-    o_cols = pid_d * D + offs_j[None, :]
     d_base = pid_d * 4 * D * D
     cdt = w_ptr.dtype.element_ty
 
