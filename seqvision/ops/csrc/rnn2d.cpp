@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 // BLAS entry points of the MKL linked into libtorch_cpu. Weak: where they are missing (another BLAS,
@@ -42,23 +43,14 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------------------
 // Element types: storage type T, accumulation type acc (float for float/bf16, double for double).
+// float and double are stored as computed; bf16 (specialised below) is widened to float.
 template <typename T>
-struct Elem;
-
-template <>
-struct Elem<float> {
-  using acc = float;
-  using raw = float;
-  static inline float load(float v) { return v; }
-  static inline float store(float v) { return v; }
-};
-
-template <>
-struct Elem<double> {
-  using acc = double;
-  using raw = double;
-  static inline double load(double v) { return v; }
-  static inline double store(double v) { return v; }
+struct Elem {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "rnn2d: float, double or bf16 only");
+  using acc = T;
+  using raw = T;
+  static inline T load(T v) { return v; }
+  static inline T store(T v) { return v; }
 };
 
 // bf16 handled as raw uint16 so the conversions are plain integer ops the compiler can vectorise.
