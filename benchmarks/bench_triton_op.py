@@ -11,7 +11,7 @@ alone, and the projection GEMM alone; every Triton setting is also checked again
 ``--worker i/n`` fills Triton's on-disk cache, so n processes started side by side compile the candidates in
 parallel and the timing run afterwards compiles nothing. The last line printed is the fastest setting per
 BLOCK_D in ``SEQVISION_TRITON_TUNE`` form (the sum of inference and training time decides). ``--device cpu``
-is a smoke test of the code path only (a tiny shape, one setting, in Triton's interpreter: set
+is a smoke test of the code path only (a tiny shape, two settings, in Triton's interpreter: set
 TRITON_INTERPRET=1 and SEQVISION_TRITON_INTERPRET=1).
 """
 
@@ -30,10 +30,11 @@ from torch import nn
 
 # name -> (H, W, C, D)
 SHAPES = {"stage1": (32, 32, 192, 48), "stage2-4": (16, 16, 384, 96)}
-# BLOCK_D -> candidate (BLOCK_N, num_warps, prefetch); the first is the built-in default's neighbourhood.
+# BLOCK_D -> candidate (BLOCK_N, num_warps, prefetch, split); the first is the built-in default. split: the hidden
+# state in two pieces (48 = 32 + 16, 96 = 64 + 32; what RTX 30xx/40xx run at D = 96) instead of one padded one.
 CANDIDATES = {
-    64: [(32, 8, 1), (32, 8, 0), (16, 8, 1), (16, 4, 1), (64, 8, 1)],
-    128: [(16, 8, 1), (16, 8, 0), (16, 4, 1), (32, 8, 1)],
+    64: [(16, 8, 1, 0), (32, 8, 1, 0), (16, 4, 1, 0), (16, 8, 1, 1)],
+    128: [(16, 8, 1, 0), (16, 4, 1, 0), (32, 8, 1, 0), (16, 8, 1, 1), (16, 4, 1, 1), (32, 4, 1, 1)],
 }
 
 
@@ -43,8 +44,8 @@ def _block_d(D: int) -> int:
     return block_size(D)
 
 
-def _tune(block_d: int, cand: tuple[int, int, int]) -> str:
-    return f"{block_d}:{cand[0]}:{cand[1]}:{cand[2]}"
+def _tune(block_d: int, cand: tuple[int, ...]) -> str:
+    return ":".join(str(v) for v in (block_d, *cand))
 
 
 def _setup(shape: tuple[int, int, int, int], batch: int, device: str):
@@ -112,7 +113,7 @@ def _rel_err(engine: str, x, rv, rh, ref: torch.Tensor) -> float:
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def jobs() -> list[tuple[str, int, tuple[int, int, int]]]:
+def jobs() -> list[tuple[str, int, tuple[int, ...]]]:
     return [(name, _block_d(s[3]), c) for name, s in SHAPES.items() for c in CANDIDATES[_block_d(s[3])]]
 
 
@@ -267,8 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if args.device == "cpu":
-        tiny = {"tiny": (3, 4, 8, 6)}
-        rows = run(2, 1, "cpu", tiny, {16: [(16, 1, 1)]})
+        tiny = {"tiny": (3, 4, 8, 20)}  # D = 20: one piece of 32, or split 16 + 16
+        rows = run(2, 1, "cpu", tiny, {32: [(16, 1, 1, 0), (16, 1, 1, 1)]})
         print(table(rows))
         print("SEQVISION_TRITON_TUNE=" + best_settings(rows))
         return 0

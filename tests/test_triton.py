@@ -88,20 +88,56 @@ def hidden_exactly_a_block(device: str) -> None:
 
 @check
 def gpu_block_configs(device: str) -> None:
-    """The GPU launch configurations (wider tiles) run in the interpreter too, at Sequencer2D's hidden sizes."""
+    """Every GPU launch candidate (wider tiles; the hidden state in one padded piece or split in two) runs in the
+    interpreter too, at Sequencer2D's hidden sizes."""
     from seqvision.ops import triton_lstm
 
     original = triton_lstm._config
-    triton_lstm._config = lambda D, dtype, _device: original(D, dtype, torch.device("cuda"))
     try:
         for D in (48, 96):
-            cfg = triton_lstm._config(D, torch.float16, torch.device(device))
-            assert cfg["BLOCK_N"] >= 16 and cfg["BLOCK_D"] >= D, cfg
-            if device == "cuda" and not triton_lstm._fits_gpu(D, torch.float32):  # fp32 D = 96: cuDNN's job
-                rnn = nn.LSTM(8, D, batch_first=True, bidirectional=True).to(device)
-                assert triton_lstm.rnn2d_triton(torch.randn(1, 3, 2, 8, device=device), rnn, rnn, "cat") is None
-                continue
-            _compare((1, 3, 2, 8), D=D, device=device, atol=2e-5)
+            candidates = triton_lstm._candidates(D, torch.float16, torch.device("cuda"))
+            assert [c["BLOCK_B"] > 0 for c in candidates] == [False, True], candidates  # one piece, then split
+            for cfg in candidates:
+                assert cfg["BLOCK_N"] >= 16 and cfg["BLOCK_A"] + cfg["BLOCK_B"] >= D, cfg
+                triton_lstm._config = lambda *_, cfg=cfg: cfg
+                if device == "cuda" and not triton_lstm._fits_gpu(D, torch.float32):  # fp32 D = 96: cuDNN's job
+                    rnn = nn.LSTM(8, D, batch_first=True, bidirectional=True).to(device)
+                    assert triton_lstm.rnn2d_triton(torch.randn(1, 3, 2, 8, device=device), rnn, rnn, "cat") is None
+                    continue
+                _compare((1, 3, 2, 8), D=D, device=device, atol=2e-5)
+    finally:
+        triton_lstm._config = original
+
+
+@check
+def split_hidden_state(device: str) -> None:
+    """The hidden state held in two pieces (BLOCK_B > 0) at hidden sizes where the second is padded, with and
+    without prefetch, fp32 and bf16, against the reference."""
+    from seqvision.ops import triton_lstm
+    from seqvision.ops.reference import rnn2d_reference
+
+    assert triton_lstm.pieces(96, True) == (64, 32) and triton_lstm.pieces(48, True) == (32, 16)
+    assert triton_lstm.pieces(96, False) == (128, 0) and triton_lstm.pieces(64, True) == (64, 0)
+    assert triton_lstm.pieces(20, True) == (16, 16) and triton_lstm.pieces(12, True) == (16, 0)
+    original = triton_lstm._config
+
+    def split(D, dtype, dev, prefetch=True):
+        block_a, block_b = triton_lstm.pieces(D, True)
+        return {**original(D, dtype, dev), "BLOCK_A": block_a, "BLOCK_B": block_b, "PREFETCH": prefetch}
+
+    try:
+        for prefetch in (True, False):
+            triton_lstm._config = lambda D, dtype, dev, p=prefetch: split(D, dtype, dev, p)
+            _compare((3, 5, 7, 8), D=20, device=device)  # 16 + 4 of 16: H != W, two tiles vertically
+            _compare((2, 1, 3, 6), D=40, union="add", device=device)  # 32 + 8 of 16, T = 1 vertically
+        rv, rh = (r.to(device) for r in _lstms(8, 20))
+        x = torch.randn(2, 3, 5, 8, device=device)
+        ref = rnn2d_reference(x, rv, rh, "cat")
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = triton_lstm.rnn2d_triton(x, rv, rh, "cat")
+        assert y.dtype == torch.bfloat16
+        err = (y.float() - ref).abs().max().item()
+        assert 0 < err < 2e-2, f"bf16 forward error {err}"
     finally:
         triton_lstm._config = original
 
@@ -341,6 +377,44 @@ def kernel_failure_falls_back_with_one_warning(device: str) -> None:
         triton_lstm._RUNS_HERE.update(saved)
 
 
+@check
+def next_candidate_when_the_first_cannot_run(device: str) -> None:
+    """A GPU with too little shared memory for the one-piece kernel (D = 96 on an RTX 4090): the first use tries
+    it, then the split kernel, which runs: no warning, the split settings are kept, the result is right."""
+    import warnings
+
+    from seqvision.ops import triton_lstm
+
+    original_op, original_candidates = triton_lstm.rnn2d_triton_op, triton_lstm._candidates
+    saved = dict(triton_lstm._RUNS_HERE), dict(triton_lstm._CHOSEN)
+
+    def op(gx, w, dirs, save):
+        if triton_lstm._config(w.shape[-1], gx.dtype, gx.device)["BLOCK_B"] == 0:
+            raise RuntimeError("out of resource: shared memory, Required: 151552, Hardware limit: 101376")
+        return original_op(gx, w, dirs, save)
+
+    def candidates(D, dtype, dev):
+        one = original_candidates(D, dtype, dev)[0]
+        block_a, block_b = triton_lstm.pieces(D, True)
+        return [one, {**one, "BLOCK_A": block_a, "BLOCK_B": block_b}]
+
+    triton_lstm._RUNS_HERE.clear()
+    triton_lstm._CHOSEN.clear()
+    triton_lstm.rnn2d_triton_op, triton_lstm._candidates = op, candidates
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _compare((2, 3, 4, 6), D=20, device=device)
+        chosen = triton_lstm._config(20, torch.float32, torch.device(device))
+        assert (chosen["BLOCK_A"], chosen["BLOCK_B"]) == (16, 16), chosen
+        assert sorted(triton_lstm._RUNS_HERE.values()) == [False, True]
+    finally:
+        triton_lstm.rnn2d_triton_op, triton_lstm._candidates = original_op, original_candidates
+        for table, before in zip((triton_lstm._RUNS_HERE, triton_lstm._CHOSEN), saved, strict=True):
+            table.clear()
+            table.update(before)
+
+
 def _layer_norm_pair(C: int, device: str) -> tuple[nn.Module, nn.Module]:
     from seqvision import ops
 
@@ -496,12 +570,17 @@ def test_cuda_sequencer2d_s_matches_timm() -> None:
 def test_tuned_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from seqvision.ops import triton_lstm
 
-    monkeypatch.setenv("SEQVISION_TRITON_TUNE", "64:32:4:0, 128:16:8:1")
+    monkeypatch.setattr(triton_lstm, "_CHOSEN", {})
+    monkeypatch.setenv("SEQVISION_TRITON_TUNE", "64:32:4:0, 128:16:8:1:1")
     cfg = triton_lstm._config(48, torch.bfloat16, torch.device("cuda"))
-    assert cfg == dict(BLOCK_D=64, BLOCK_N=32, num_warps=4, PREFETCH=False, num_stages=1)
-    assert triton_lstm._config(96, torch.bfloat16, torch.device("cuda"))["PREFETCH"] is True
+    assert cfg == dict(BLOCK_A=64, BLOCK_B=0, BLOCK_N=32, num_warps=4, PREFETCH=False, num_stages=1)
+    assert len(triton_lstm._candidates(48, torch.bfloat16, torch.device("cuda"))) == 1  # a tuned setting only
+    cfg = triton_lstm._config(96, torch.bfloat16, torch.device("cuda"))
+    assert cfg["PREFETCH"] is True and (cfg["BLOCK_A"], cfg["BLOCK_B"]) == (64, 32)  # split asked for
     monkeypatch.setenv("SEQVISION_TRITON_TUNE", "")
-    assert triton_lstm._config(96, torch.float16, torch.device("cuda"))["BLOCK_N"] == 16  # the built-in default
+    cands = triton_lstm._candidates(96, torch.float16, torch.device("cuda"))  # the built-in defaults
+    assert [(c["BLOCK_N"], c["BLOCK_A"], c["BLOCK_B"]) for c in cands] == [(16, 128, 0), (16, 64, 32)]
+    assert triton_lstm._config(96, torch.float16, torch.device("cuda")) == cands[0]  # before any first use
     monkeypatch.setenv("SEQVISION_TRITON_TUNE", "128:16")
     with pytest.raises(ValueError, match="BLOCK_D:BLOCK_N:num_warps:prefetch"):
         triton_lstm._config(96, torch.float16, torch.device("cuda"))

@@ -44,21 +44,44 @@ def _seq_layout(dir_codes, pid_d, H, W):
 
 
 @triton.jit
-def _tile(pid_d, pid_n, N, S, stride_s, H, W, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (direction ``pid_d``, tile ``pid_n``)'s indices, shared by the forward and backward kernels:
-    hidden-unit offsets (j: output, k: input), the (sequence, unit) mask, the W_hh mask, the first position of
-    each of its sequences, and its direction's columns in the gate (4D-wide) and output (D-wide) slices."""
+def _tile(pid_n, N, S, stride_s, H, W, BLOCK_N: tl.constexpr):
+    """Program ``pid_n``'s tile of sequences: which of them exist, and the position of each one's first element."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_j = tl.arange(0, BLOCK_D)
-    offs_k = tl.arange(0, BLOCK_D)
-    mask_j = offs_j < D
-    mask_kj = (offs_k[:, None] < D) & mask_j[None, :]
-    mask = (offs_n < N)[:, None] & mask_j[None, :]
     # In int64: B*H*W*NDIR*4D can pass 2**31 at large batch/resolution.
     base = (offs_n // S).to(tl.int64) * H * W + (offs_n % S).to(tl.int64) * stride_s
-    g_cols = pid_d * 4 * D + offs_j[None, :]
-    o_cols = pid_d * D + offs_j[None, :]
-    return offs_j, offs_k, mask, mask_kj, base, g_cols, o_cols
+    return offs_n < N, base
+
+
+@triton.jit
+def _units(start, D, BLOCK: tl.constexpr):
+    """A piece of the hidden state: units ``start`` .. ``start + BLOCK - 1``, and which of them exist (< D)."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < D
+
+
+@triton.jit
+def _load_w_t(w_ptr, d_base, D, k, mask_k, j, mask_j):
+    """The four gate blocks of W_hh[d] that map hidden units ``k`` to gate units ``j``, as (k, j) tiles:
+    element W_hh[d, gate*D + j, k] (for z = h @ W^T). Missing units read as 0."""
+    # Each gate's addresses written out in full: one address tile plus gate * D * D compiled to a kernel that
+    # spills 150 bytes more per thread (triton 3.6, sm_90, D = 96 in one piece; benchmarks/triton_resources.py).
+    m = mask_k[:, None] & mask_j[None, :]
+    wi = tl.load(w_ptr + d_base + (0 * D + j[None, :]) * D + k[:, None], mask=m, other=0.0)
+    wf = tl.load(w_ptr + d_base + (1 * D + j[None, :]) * D + k[:, None], mask=m, other=0.0)
+    wg = tl.load(w_ptr + d_base + (2 * D + j[None, :]) * D + k[:, None], mask=m, other=0.0)
+    wo = tl.load(w_ptr + d_base + (3 * D + j[None, :]) * D + k[:, None], mask=m, other=0.0)
+    return wi, wf, wg, wo
+
+
+@triton.jit
+def _load_w(w_ptr, d_base, D, k, mask_k, j, mask_j):
+    """The same blocks as ``_load_w_t`` as (j, k) tiles (for dh = dz @ W)."""
+    m = mask_j[:, None] & mask_k[None, :]
+    wi = tl.load(w_ptr + d_base + (0 * D + j[:, None]) * D + k[None, :], mask=m, other=0.0)
+    wf = tl.load(w_ptr + d_base + (1 * D + j[:, None]) * D + k[None, :], mask=m, other=0.0)
+    wg = tl.load(w_ptr + d_base + (2 * D + j[:, None]) * D + k[None, :], mask=m, other=0.0)
+    wo = tl.load(w_ptr + d_base + (3 * D + j[:, None]) * D + k[None, :], mask=m, other=0.0)
+    return wi, wf, wg, wo
 
 
 @triton.jit
@@ -90,19 +113,72 @@ def _load_bwd_step(gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o
 
 
 @triton.jit
-def _load_w_t(w_ptr, d_base, gate, D, offs_k, offs_j, mask_kj):
-    """Gate ``gate``'s block of W_hh[d] transposed, as (k, j): element W_hh[d, gate*D + j, k]."""
-    ptrs = w_ptr + d_base + (gate * D + offs_j[None, :]) * D + offs_k[:, None]
-    return tl.load(ptrs, mask=mask_kj, other=0.0)
+def _add_hw(h, wi, wf, wg, wo, zi, zf, zg, zo, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """z += h @ W^T for the four gates (W^T blocks from ``_load_w_t``)."""
+    zi = _dot(h, wi, zi, PRECISION, UPCAST)
+    zf = _dot(h, wf, zf, PRECISION, UPCAST)
+    zg = _dot(h, wg, zg, PRECISION, UPCAST)
+    zo = _dot(h, wo, zo, PRECISION, UPCAST)
+    return zi, zf, zg, zo
 
 
 @triton.jit
-def _load_w(w_ptr, d_base, gate, D, offs_k, offs_j, mask_kj):
-    """Gate ``gate``'s block of W_hh[d] as (j, k): element W_hh[d, gate*D + j, k] (for dh = dgate @ W)."""
-    ptrs = w_ptr + d_base + (gate * D + offs_k[:, None]) * D + offs_j[None, :]
-    return tl.load(ptrs, mask=mask_kj, other=0.0)
+def _add_dzw(dzi, dzf, dzg, dzo, wi, wf, wg, wo, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + sum over the gates of dz @ W (W blocks from ``_load_w``), dz in W's dtype for the tensor cores."""
+    acc = _dot(dzi.to(wi.dtype), wi, acc, PRECISION, UPCAST)
+    acc = _dot(dzf.to(wf.dtype), wf, acc, PRECISION, UPCAST)
+    acc = _dot(dzg.to(wg.dtype), wg, acc, PRECISION, UPCAST)
+    acc = _dot(dzo.to(wo.dtype), wo, acc, PRECISION, UPCAST)
+    return acc
 
 
+@triton.jit
+def _cell_fwd(zi, zf, zg, zo, c, y_ptr, gates_ptr, c_ptr, pos, g_stride, o_stride, g_cols, o_cols, D, mask, SAVE):
+    """The LSTM cell on one piece of the hidden state: gates, c_t (fp32), h_t; writes h_t (and, when SAVE, the gate
+    activations and c_t for the backward). Returns (h_t in fp32, c_t)."""
+    i = _sigmoid(zi)
+    f = _sigmoid(zf)
+    g = _tanh(zg)
+    o = _sigmoid(zo)
+    c = f * c + i * g
+    h = o * _tanh(c)
+    o_ptrs = pos[:, None] * o_stride + o_cols
+    tl.store(y_ptr + o_ptrs, h.to(y_ptr.dtype.element_ty), mask=mask)
+    if SAVE:
+        g_ptrs = pos[:, None] * g_stride + g_cols
+        gt = gates_ptr.dtype.element_ty
+        tl.store(gates_ptr + g_ptrs, i.to(gt), mask=mask)
+        tl.store(gates_ptr + g_ptrs + D, f.to(gt), mask=mask)
+        tl.store(gates_ptr + g_ptrs + 2 * D, g.to(gt), mask=mask)
+        tl.store(gates_ptr + g_ptrs + 3 * D, o.to(gt), mask=mask)
+        tl.store(c_ptr + o_ptrs, c, mask=mask)
+    return h, c
+
+
+@triton.jit
+def _cell_bwd(i, f, g, o, dh, c, c_prev, dc, dgx_ptr, pos, g_stride, g_cols, D, mask):
+    """The cell's backward on one piece: from dL/dh_t and dL/dc_t (through c_{t+1}) to the gate pre-activations'
+    gradients, which it writes to dgx. Returns them and dL/dc_{t-1} (through c_t)."""
+    tc = _tanh(c)
+    dc = dc + dh * o * (1.0 - tc * tc)
+    dzo = dh * tc * o * (1.0 - o)
+    dzi = dc * g * i * (1.0 - i)
+    dzf = dc * c_prev * f * (1.0 - f)
+    dzg = dc * i * (1.0 - g * g)
+    g_ptrs = pos[:, None] * g_stride + g_cols
+    gt = dgx_ptr.dtype.element_ty
+    tl.store(dgx_ptr + g_ptrs, dzi.to(gt), mask=mask)
+    tl.store(dgx_ptr + g_ptrs + D, dzf.to(gt), mask=mask)
+    tl.store(dgx_ptr + g_ptrs + 2 * D, dzg.to(gt), mask=mask)
+    tl.store(dgx_ptr + g_ptrs + 3 * D, dzo.to(gt), mask=mask)
+    return dzi, dzf, dzg, dzo, dc * f
+
+
+# The hidden state is held in one or two pieces: units [0, BLOCK_A) ("a") and, when BLOCK_B > 0, units
+# [BLOCK_A, BLOCK_A + BLOCK_B) ("b"). tl.dot needs power-of-two tiles: one piece pads D = 96 to 128, which puts
+# 4 * 128 * 128 W_hh elements on chip (136-148 KiB of shared memory in bf16, more than consumer GPUs' ~100 KiB);
+# two pieces of 64 + 32 hold exactly 4 * 96 * 96 and skip the padding's wasted products, at the price of four
+# smaller tl.dot per gate instead of one. W blocks are named w<gate>_<from><to>: hidden piece -> gate piece.
 @triton.jit
 def lstm2d_fwd_kernel(
     gx_ptr,  # B*H*W x NDIR*4D: input projections with both biases (read-only)
@@ -118,7 +194,8 @@ def lstm2d_fwd_kernel(
     dir_codes,
     SAVE: tl.constexpr,  # False for inference: gates and c are not written
     BLOCK_N: tl.constexpr,  # sequences per program (>= 16 for tl.dot)
-    BLOCK_D: tl.constexpr,  # hidden size padded to a power of two >= 16; masks hide the padding
+    BLOCK_A: tl.constexpr,  # width of hidden piece a (a power of two >= 16; all of D, padded, when BLOCK_B = 0)
+    BLOCK_B: tl.constexpr,  # width of hidden piece b (0: one piece); masks hide units >= D
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (parity with the reference); ignored for 16-bit inputs
     UPCAST_DOT: tl.constexpr,  # interpreter workaround for bf16, see _dot
     PREFETCH: tl.constexpr,  # load step s+1's inputs during step s (see the loop)
@@ -130,56 +207,84 @@ def lstm2d_fwd_kernel(
     if pid_n * BLOCK_N >= N:  # the other axis has more sequences; nothing to do for this one
         return
 
-    offs_j, offs_k, mask, mask_kj, base, g_cols, o_cols = _tile(pid_d, pid_n, N, S, stride_s, H, W, D, BLOCK_N, BLOCK_D)
+    live, base = _tile(pid_n, N, S, stride_s, H, W, BLOCK_N)
     g_stride = NDIR * 4 * D
     o_stride = NDIR * D
     d_base = pid_d * 4 * D * D
+    cdt = w_ptr.dtype.element_ty
 
-    # W_hh stays on chip for the whole sequence (ptxas: in shared memory, 136-148 KiB at BLOCK_D = 128).
-    # Re-reading it from L1/L2 every step was tried: ptxas reports more register spills for that variant.
-    wi = _load_w_t(w_ptr, d_base, 0, D, offs_k, offs_j, mask_kj)
-    wf = _load_w_t(w_ptr, d_base, 1, D, offs_k, offs_j, mask_kj)
-    wg = _load_w_t(w_ptr, d_base, 2, D, offs_k, offs_j, mask_kj)
-    wo = _load_w_t(w_ptr, d_base, 3, D, offs_k, offs_j, mask_kj)
-
-    h = tl.zeros((BLOCK_N, BLOCK_D), dtype=w_ptr.dtype.element_ty)
-    c = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    # W_hh stays on chip for the whole sequence (ptxas: in shared memory). Re-reading it from L1/L2 every step
+    # was tried: ptxas reports more register spills for that variant.
+    ja, ua = _units(0, D, BLOCK_A)
+    mask_a = live[:, None] & ua[None, :]
+    gcol_a = pid_d * 4 * D + ja[None, :]  # this direction's gate columns (+ gate * D) and output columns
+    ocol_a = pid_d * D + ja[None, :]
+    wi_aa, wf_aa, wg_aa, wo_aa = _load_w_t(w_ptr, d_base, D, ja, ua, ja, ua)
+    h_a = tl.zeros((BLOCK_N, BLOCK_A), dtype=cdt)
+    c_a = tl.zeros((BLOCK_N, BLOCK_A), dtype=tl.float32)
     # PREFETCH: step s+1's projections are loaded while step s computes (they do not depend on h), so the
     # serial chain per step is dot -> gates -> store instead of load -> dot -> gates -> store.
     if PREFETCH:
-        zi, zf, zg, zo = _load_gx(gx_ptr, base, rev, T, stride_t, 0, g_stride, g_cols, D, mask)
+        zi_a, zf_a, zg_a, zo_a = _load_gx(gx_ptr, base, rev, T, stride_t, 0, g_stride, gcol_a, D, mask_a)
+    if BLOCK_B > 0:
+        jb, ub = _units(BLOCK_A, D, BLOCK_B)
+        mask_b = live[:, None] & ub[None, :]
+        gcol_b = pid_d * 4 * D + jb[None, :]
+        ocol_b = pid_d * D + jb[None, :]
+        wi_ab, wf_ab, wg_ab, wo_ab = _load_w_t(w_ptr, d_base, D, ja, ua, jb, ub)
+        wi_ba, wf_ba, wg_ba, wo_ba = _load_w_t(w_ptr, d_base, D, jb, ub, ja, ua)
+        wi_bb, wf_bb, wg_bb, wo_bb = _load_w_t(w_ptr, d_base, D, jb, ub, jb, ub)
+        h_b = tl.zeros((BLOCK_N, BLOCK_B), dtype=cdt)
+        c_b = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+        if PREFETCH:
+            zi_b, zf_b, zg_b, zo_b = _load_gx(gx_ptr, base, rev, T, stride_t, 0, g_stride, gcol_b, D, mask_b)
+
     for s in range(0, T):
         t = s + rev * (T - 1 - 2 * s)  # reversed directions walk t = T-1 ... 0
         pos = base + t * stride_t
         if PREFETCH:
-            nzi, nzf, nzg, nzo = _load_gx(
-                gx_ptr, base, rev, T, stride_t, s + 1, g_stride, g_cols, D, mask & (s + 1 < T)
+            more = s + 1 < T
+            nzi_a, nzf_a, nzg_a, nzo_a = _load_gx(
+                gx_ptr, base, rev, T, stride_t, s + 1, g_stride, gcol_a, D, mask_a & more
             )
+            if BLOCK_B > 0:
+                nzi_b, nzf_b, nzg_b, nzo_b = _load_gx(
+                    gx_ptr, base, rev, T, stride_t, s + 1, g_stride, gcol_b, D, mask_b & more
+                )
         else:
-            zi, zf, zg, zo = _load_gx(gx_ptr, base, rev, T, stride_t, s, g_stride, g_cols, D, mask)
-        zi = _dot(h, wi, zi, PRECISION, UPCAST_DOT)
-        zf = _dot(h, wf, zf, PRECISION, UPCAST_DOT)
-        zg = _dot(h, wg, zg, PRECISION, UPCAST_DOT)
-        zo = _dot(h, wo, zo, PRECISION, UPCAST_DOT)
-        i = _sigmoid(zi)
-        f = _sigmoid(zf)
-        g = _tanh(zg)
-        o = _sigmoid(zo)
-        c = f * c + i * g
-        h32 = o * _tanh(c)
-        h = h32.to(w_ptr.dtype.element_ty)  # padded columns stay 0: their W rows/cols are masked to 0
-        o_ptrs = pos[:, None] * o_stride + o_cols
-        tl.store(y_ptr + o_ptrs, h32.to(y_ptr.dtype.element_ty), mask=mask)
-        if SAVE:
-            g_ptrs = pos[:, None] * g_stride + g_cols
-            gt = gates_ptr.dtype.element_ty
-            tl.store(gates_ptr + g_ptrs, i.to(gt), mask=mask)
-            tl.store(gates_ptr + g_ptrs + D, f.to(gt), mask=mask)
-            tl.store(gates_ptr + g_ptrs + 2 * D, g.to(gt), mask=mask)
-            tl.store(gates_ptr + g_ptrs + 3 * D, o.to(gt), mask=mask)
-            tl.store(c_ptr + o_ptrs, c, mask=mask)
+            zi_a, zf_a, zg_a, zo_a = _load_gx(gx_ptr, base, rev, T, stride_t, s, g_stride, gcol_a, D, mask_a)
+            if BLOCK_B > 0:
+                zi_b, zf_b, zg_b, zo_b = _load_gx(gx_ptr, base, rev, T, stride_t, s, g_stride, gcol_b, D, mask_b)
+
+        # z_t = W_ih x_t + b + W_hh h_{t-1}: the recurrent part, from every piece of h to every piece of z.
+        zi_a, zf_a, zg_a, zo_a = _add_hw(h_a, wi_aa, wf_aa, wg_aa, wo_aa, zi_a, zf_a, zg_a, zo_a, PRECISION, UPCAST_DOT)
+        if BLOCK_B > 0:
+            zi_a, zf_a, zg_a, zo_a = _add_hw(
+                h_b, wi_ba, wf_ba, wg_ba, wo_ba, zi_a, zf_a, zg_a, zo_a, PRECISION, UPCAST_DOT
+            )
+            zi_b, zf_b, zg_b, zo_b = _add_hw(
+                h_a, wi_ab, wf_ab, wg_ab, wo_ab, zi_b, zf_b, zg_b, zo_b, PRECISION, UPCAST_DOT
+            )
+            zi_b, zf_b, zg_b, zo_b = _add_hw(
+                h_b, wi_bb, wf_bb, wg_bb, wo_bb, zi_b, zf_b, zg_b, zo_b, PRECISION, UPCAST_DOT
+            )
+
+        # Padded units stay 0: their W rows and columns are masked to 0.
+        h32, c_a = _cell_fwd(
+            zi_a, zf_a, zg_a, zo_a, c_a, y_ptr, gates_ptr, c_ptr, pos, g_stride, o_stride, gcol_a, ocol_a, D,
+            mask_a, SAVE,
+        )
+        h_a = h32.to(cdt)
+        if BLOCK_B > 0:
+            h32, c_b = _cell_fwd(
+                zi_b, zf_b, zg_b, zo_b, c_b, y_ptr, gates_ptr, c_ptr, pos, g_stride, o_stride, gcol_b, ocol_b, D,
+                mask_b, SAVE,
+            )
+            h_b = h32.to(cdt)
         if PREFETCH:
-            zi, zf, zg, zo = nzi, nzf, nzg, nzo
+            zi_a, zf_a, zg_a, zo_a = nzi_a, nzf_a, nzg_a, nzo_a
+            if BLOCK_B > 0:
+                zi_b, zf_b, zg_b, zo_b = nzi_b, nzf_b, nzg_b, nzo_b
 
 
 @triton.jit
@@ -196,7 +301,8 @@ def lstm2d_bwd_kernel(
     NDIR: tl.constexpr,
     dir_codes,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     PREFETCH: tl.constexpr,
@@ -208,68 +314,93 @@ def lstm2d_bwd_kernel(
     if pid_n * BLOCK_N >= N:
         return
 
-    offs_j, offs_k, mask, mask_kj, base, g_cols, o_cols = _tile(pid_d, pid_n, N, S, stride_s, H, W, D, BLOCK_N, BLOCK_D)
+    live, base = _tile(pid_n, N, S, stride_s, H, W, BLOCK_N)
     g_stride = NDIR * 4 * D
     o_stride = NDIR * D
     d_base = pid_d * 4 * D * D
-    cdt = w_ptr.dtype.element_ty
-
-    wi = _load_w(w_ptr, d_base, 0, D, offs_k, offs_j, mask_kj)
-    wf = _load_w(w_ptr, d_base, 1, D, offs_k, offs_j, mask_kj)
-    wg = _load_w(w_ptr, d_base, 2, D, offs_k, offs_j, mask_kj)
-    wo = _load_w(w_ptr, d_base, 3, D, offs_k, offs_j, mask_kj)
-    dh_rec = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # dL/dh_t through step t+1's gates
-    dc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # dL/dc_t through c_{t+1}
     # c_t of each step is the previous iteration's c_{t-1}: one cell-state load per step, not two.
-    t_last = (T - 1) * (1 - rev)
-    c = tl.load(c_ptr + (base + t_last * stride_t)[:, None] * o_stride + o_cols, mask=mask, other=0.0)
+    last = base + (T - 1) * (1 - rev) * stride_t  # where the backward starts: the last step
+
+    ja, ua = _units(0, D, BLOCK_A)
+    mask_a = live[:, None] & ua[None, :]
+    gcol_a = pid_d * 4 * D + ja[None, :]
+    ocol_a = pid_d * D + ja[None, :]
+    wi_aa, wf_aa, wg_aa, wo_aa = _load_w(w_ptr, d_base, D, ja, ua, ja, ua)
+    dh_a = tl.zeros((BLOCK_N, BLOCK_A), dtype=tl.float32)  # dL/dh_t through step t+1's gates
+    dc_a = tl.zeros((BLOCK_N, BLOCK_A), dtype=tl.float32)  # dL/dc_t through c_{t+1}
+    c_a = tl.load(c_ptr + last[:, None] * o_stride + ocol_a, mask=mask_a, other=0.0)
     if PREFETCH:  # as in the forward: step s-1's loads are issued while step s computes
-        i, f, g, o, dy, c_prev = _load_bwd_step(
-            gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, g_cols, o_cols, D, T - 1, mask
+        i_a, f_a, g_a, o_a, dy_a, cp_a = _load_bwd_step(
+            gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, gcol_a, ocol_a, D, T - 1, mask_a
         )
+    if BLOCK_B > 0:
+        jb, ub = _units(BLOCK_A, D, BLOCK_B)
+        mask_b = live[:, None] & ub[None, :]
+        gcol_b = pid_d * 4 * D + jb[None, :]
+        ocol_b = pid_d * D + jb[None, :]
+        wi_ab, wf_ab, wg_ab, wo_ab = _load_w(w_ptr, d_base, D, ja, ua, jb, ub)
+        wi_ba, wf_ba, wg_ba, wo_ba = _load_w(w_ptr, d_base, D, jb, ub, ja, ua)
+        wi_bb, wf_bb, wg_bb, wo_bb = _load_w(w_ptr, d_base, D, jb, ub, jb, ub)
+        dh_b = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+        dc_b = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+        c_b = tl.load(c_ptr + last[:, None] * o_stride + ocol_b, mask=mask_b, other=0.0)
+        if PREFETCH:
+            i_b, f_b, g_b, o_b, dy_b, cp_b = _load_bwd_step(
+                gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, gcol_b, ocol_b, D, T - 1, mask_b
+            )
+
     for s_rev in range(0, T):
         s = T - 1 - s_rev  # processing order, backwards
         t = s + rev * (T - 1 - 2 * s)
         pos = base + t * stride_t
-        g_ptrs = pos[:, None] * g_stride + g_cols
         if PREFETCH:
-            m_next = mask & (s > 0)
-            ni, nf, ng, no, ndy, nc_prev = _load_bwd_step(
-                gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, g_cols, o_cols, D, s - 1, m_next
+            more = s > 0
+            ni_a, nf_a, ng_a, no_a, ndy_a, ncp_a = _load_bwd_step(
+                gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, gcol_a, ocol_a, D, s - 1,
+                mask_a & more,
             )
+            if BLOCK_B > 0:
+                ni_b, nf_b, ng_b, no_b, ndy_b, ncp_b = _load_bwd_step(
+                    gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, gcol_b, ocol_b, D, s - 1,
+                    mask_b & more,
+                )
         else:
-            i, f, g, o, dy, c_prev = _load_bwd_step(
-                gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, g_cols, o_cols, D, s, mask
+            i_a, f_a, g_a, o_a, dy_a, cp_a = _load_bwd_step(
+                gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, gcol_a, ocol_a, D, s, mask_a
             )
-        dh = dy + dh_rec
+            if BLOCK_B > 0:
+                i_b, f_b, g_b, o_b, dy_b, cp_b = _load_bwd_step(
+                    gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, gcol_b, ocol_b, D, s, mask_b
+                )
 
-        tc = _tanh(c)
-        dc = dc + dh * o * (1.0 - tc * tc)
-        dzo = dh * tc * o * (1.0 - o)
-        dzi = dc * g * i * (1.0 - i)
-        dzf = dc * c_prev * f * (1.0 - f)
-        dzg = dc * i * (1.0 - g * g)
-        dc = dc * f  # to c_{t-1}
-        c = c_prev
-        gt = dgx_ptr.dtype.element_ty
-        tl.store(dgx_ptr + g_ptrs, dzi.to(gt), mask=mask)
-        tl.store(dgx_ptr + g_ptrs + D, dzf.to(gt), mask=mask)
-        tl.store(dgx_ptr + g_ptrs + 2 * D, dzg.to(gt), mask=mask)
-        tl.store(dgx_ptr + g_ptrs + 3 * D, dzo.to(gt), mask=mask)
+        dzi_a, dzf_a, dzg_a, dzo_a, dc_a = _cell_bwd(
+            i_a, f_a, g_a, o_a, dy_a + dh_a, c_a, cp_a, dc_a, dgx_ptr, pos, g_stride, gcol_a, D, mask_a
+        )
+        c_a = cp_a
+        if BLOCK_B > 0:
+            dzi_b, dzf_b, dzg_b, dzo_b, dc_b = _cell_bwd(
+                i_b, f_b, g_b, o_b, dy_b + dh_b, c_b, cp_b, dc_b, dgx_ptr, pos, g_stride, gcol_b, D, mask_b
+            )
+            c_b = cp_b
 
         # z = h_{t-1} @ W^T  =>  dh_{t-1} = dz @ W (padded rows/columns of W are zero). dW = dz^T @ h_{t-1} is
-        # not accumulated here (4 fp32 BLOCK_D^2 tiles would not fit in registers at D = 96): torch does it
+        # not accumulated here (4 fp32 D x D tiles would not fit in registers at D = 96): torch does it
         # afterwards as one GEMM over all positions, from dgx and the saved output.
-        dzi_c = dzi.to(cdt)
-        dzf_c = dzf.to(cdt)
-        dzg_c = dzg.to(cdt)
-        dzo_c = dzo.to(cdt)
-        dh_rec = _dot(dzi_c, wi, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), PRECISION, UPCAST_DOT)
-        dh_rec = _dot(dzf_c, wf, dh_rec, PRECISION, UPCAST_DOT)
-        dh_rec = _dot(dzg_c, wg, dh_rec, PRECISION, UPCAST_DOT)
-        dh_rec = _dot(dzo_c, wo, dh_rec, PRECISION, UPCAST_DOT)
+        dh_a = _add_dzw(
+            dzi_a, dzf_a, dzg_a, dzo_a, wi_aa, wf_aa, wg_aa, wo_aa, tl.zeros((BLOCK_N, BLOCK_A), dtype=tl.float32),
+            PRECISION, UPCAST_DOT,
+        )
+        if BLOCK_B > 0:
+            dh_a = _add_dzw(dzi_b, dzf_b, dzg_b, dzo_b, wi_ab, wf_ab, wg_ab, wo_ab, dh_a, PRECISION, UPCAST_DOT)
+            dh_b = _add_dzw(
+                dzi_a, dzf_a, dzg_a, dzo_a, wi_ba, wf_ba, wg_ba, wo_ba,
+                tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32), PRECISION, UPCAST_DOT,
+            )
+            dh_b = _add_dzw(dzi_b, dzf_b, dzg_b, dzo_b, wi_bb, wf_bb, wg_bb, wo_bb, dh_b, PRECISION, UPCAST_DOT)
         if PREFETCH:
-            i, f, g, o, dy, c_prev = ni, nf, ng, no, ndy, nc_prev
+            i_a, f_a, g_a, o_a, dy_a, cp_a = ni_a, nf_a, ng_a, no_a, ndy_a, ncp_a
+            if BLOCK_B > 0:
+                i_b, f_b, g_b, o_b, dy_b, cp_b = ni_b, nf_b, ng_b, no_b, ndy_b, ncp_b
 
 
 @triton.jit

@@ -18,9 +18,10 @@ Covered: nn.LSTM, one layer, batch_first, no projection, bidirectional or not, a
 one axis only), bf16 / fp16 (fp32 cell state) and fp32; on a GPU hidden size <= 128 (<= 64 in fp32), which
 includes every Sequencer2D variant but sequencer2d_s_h2x's wider stages. Anything else (GRU, tanh RNN, two axes
 with different hidden sizes ...) returns None so the dispatcher falls back to cuDNN via nn.LSTM. The kernels
-keep W_hh on chip: at D = 96 (padded to 128) they need 136-148 KiB of shared memory per block (ptxas, sm_80 to
-sm_90), which A100/H100-class GPUs have and RTX 30xx/40xx-class ones (~100 KiB) do not; there the first use
-fails, warns once, and those layers run on cuDNN (``runs_here``). D = 48 needs 36-42 KiB and runs everywhere.
+keep W_hh on chip. Held as one piece padded to a power of two, D = 96 (padded to 128) needs 136-148 KiB of
+shared memory per block (ptxas, sm_80 to sm_90): A100/H100-class GPUs have it, RTX 30xx/40xx-class ones
+(99 KiB) do not; there the first use finds out and switches to the hidden state split in two pieces
+(64 + 32: 76-85 KiB), see ``_candidates`` and ``benchmarks/triton_resources.py``.
 
 Triton is imported lazily: a CPU-only install without triton imports seqvision fine. For CPU testing set
 ``TRITON_INTERPRET=1`` (before triton is imported) and ``SEQVISION_TRITON_INTERPRET=1``; the kernels then run
@@ -82,43 +83,75 @@ def block_size(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Block sizes, warps, pipelining depth and whether each step prefetches the next step's inputs.
+def pieces(D: int, split: bool) -> tuple[int, int]:
+    """``(BLOCK_A, BLOCK_B)``: the widths the kernels hold the hidden state in. One piece is D padded to a power
+    of two (BLOCK_B = 0); split, it is the largest power of two below that and the padded rest, so that W_hh is
+    held without padding: 96 -> 64 + 32, 48 -> 32 + 16. Only split where that saves padding (not D = 64)."""
+    whole = block_size(D)
+    if not split or whole == D or D <= 16:
+        return whole, 0
+    return whole // 2, block_size(D - whole // 2)
 
-    BLOCK_D is D padded to a power of two (tl.dot needs >= 16; Sequencer's D = 48 / 96 become 64 / 128). The
-    GPU defaults are the fastest of ``benchmarks/bench_triton_op.py``'s sweep on an H100 (bf16, batch 256,
-    inference + training time of one mixer; benchmarks/RESULTS.md): 16 sequences per program, 8 warps, prefetch
-    on, at both hidden sizes. Prefetching made the recurrence alone 1.6x (stage 1 shape) and 1.7x (stages 2-4)
-    faster. ``SEQVISION_TRITON_TUNE`` overrides them (see ``_tuned``). num_stages=1: the time loop is serial.
+
+def _candidates(D: int, dtype: torch.dtype, device: torch.device) -> list[dict]:
+    """Launch settings to try, best first: the first one that compiles and launches on the device is used.
+
+    The GPU defaults are the fastest of ``benchmarks/bench_triton_op.py``'s sweep on an H100 (bf16, batch 256,
+    inference + training time of one mixer; benchmarks/RESULTS.md): the hidden state in one padded piece,
+    16 sequences per program, 8 warps, prefetch on, at both hidden sizes. Prefetching made the recurrence alone
+    1.6x (stage 1 shape) and 1.7x (stages 2-4) faster. At D = 96 the padded W_hh needs 136-148 KiB of shared
+    memory, which GPUs with ~100 KiB per block (RTX 30xx/40xx) lack: there the second candidate, the hidden
+    state in two pieces (64 + 32, W_hh exactly 96 x 96: 72 KiB in bf16), runs instead. ``SEQVISION_TRITON_TUNE``
+    replaces the list with one setting (see ``_tuned``). num_stages=1: the time loop is serial.
     """
     block_d = block_size(D)
     if device.type == "cpu":  # the interpreter: smallest legal tiles are the fastest to emulate
-        return dict(BLOCK_N=16, BLOCK_D=block_d, num_warps=1, PREFETCH=True)
+        return [dict(BLOCK_N=16, BLOCK_A=block_d, BLOCK_B=0, num_warps=1, PREFETCH=True)]
     tuned = _tuned().get(block_d)
     if tuned is not None:
-        return dict(BLOCK_D=block_d, num_stages=1, **tuned)
-    return dict(BLOCK_N=16, BLOCK_D=block_d, num_warps=8, num_stages=1, PREFETCH=True)
+        block_a, block_b = pieces(D, tuned["split"])
+        settings = {k: v for k, v in tuned.items() if k != "split"}
+        return [dict(BLOCK_A=block_a, BLOCK_B=block_b, num_stages=1, **settings)]
+    out = [dict(BLOCK_N=16, BLOCK_A=block_d, BLOCK_B=0, num_warps=8, num_stages=1, PREFETCH=True)]
+    block_a, block_b = pieces(D, split=True)
+    if block_b:
+        out.append(dict(BLOCK_N=16, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=8, num_stages=1, PREFETCH=True))
+    return out
+
+
+# (device, dtype, D) -> the launch settings the first use settled on (see ``_recurrence_runs_here``).
+_CHOSEN: dict[tuple, dict] = {}
+
+
+def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The launch settings for the kernels: the first candidate that ran on this device, else the first one."""
+    return _CHOSEN.get((str(device), dtype, D)) or _candidates(D, dtype, device)[0]
 
 
 def _tuned() -> dict[int, dict]:
-    """Launch settings from ``SEQVISION_TRITON_TUNE``: comma-separated ``BLOCK_D:BLOCK_N:num_warps:prefetch``
-    entries, e.g. ``64:32:8:1,128:16:8:1`` (for tuning runs; a malformed entry raises ValueError)."""
+    """Launch settings from ``SEQVISION_TRITON_TUNE``: comma-separated ``BLOCK_D:BLOCK_N:num_warps:prefetch[:split]``
+    entries, e.g. ``64:32:8:1,128:16:8:1:1`` (for tuning runs; split defaults to 0; a malformed entry raises
+    ValueError)."""
     spec = os.environ.get("SEQVISION_TRITON_TUNE", "").strip()
     out = {}
     for item in filter(None, (i.strip() for i in spec.split(","))):
         try:
-            block_d, block_n, warps, prefetch = (int(v) for v in item.split(":"))
+            values = [int(v) for v in item.split(":")]
+            block_d, block_n, warps, prefetch = values[:4]
+            (split,) = values[4:] or [0]
         except ValueError:
             raise ValueError(
-                f"SEQVISION_TRITON_TUNE entry {item!r}: expected BLOCK_D:BLOCK_N:num_warps:prefetch, e.g. 128:16:8:1"
+                f"SEQVISION_TRITON_TUNE entry {item!r}: expected BLOCK_D:BLOCK_N:num_warps:prefetch[:split], "
+                "e.g. 128:16:8:1"
             ) from None
-        out[block_d] = dict(BLOCK_N=block_n, num_warps=warps, PREFETCH=bool(prefetch))
+        out[block_d] = dict(BLOCK_N=block_n, num_warps=warps, PREFETCH=bool(prefetch), split=bool(split))
     return out
 
 
 def _fits_gpu(D: int, dtype: torch.dtype) -> bool:
-    """Whether the kernels fit one SM at this hidden size (W_hh is held on chip): sm_90 compiles need 136-148 KiB
-    of shared memory for 16-bit D <= 128, but over 227 KiB for fp32 at D > 64 or any dtype at D > 128."""
+    """Whether the kernels can fit one SM at this hidden size (W_hh is held on chip): 16-bit D <= 128 and fp32
+    D <= 64. fp32 at D = 96 stays on cuDNN: W_hh alone is 144 KiB there even split (over 227 KiB padded, ptxas),
+    more than any consumer GPU has, and the exact-fp32 kernel was never timed against cuDNN's TF32 one."""
     return block_size(D) <= (64 if dtype == torch.float32 else 128)
 
 
@@ -269,12 +302,12 @@ rnn2d_triton_op.register_autograd(_backward, setup_context=_setup_context)
 _RUNS_HERE: dict[tuple, bool] = {}
 
 
-def runs_here(key: tuple, probe: Callable[[], None], what: Callable[[], str]) -> bool:
+def runs_here(key: tuple, probe: Callable[[], None], what: Callable[[], str], warn: bool = True) -> bool:
     """Whether ``probe`` (launching some kernels on a small input) works; tried once per ``key`` and remembered.
 
     Triton compiles for the GPU it finds: on one without bf16 tensor cores (before sm_80), or with less shared
     memory per block than a kernel needs (consumer GPUs have ~100 KiB, an H100 227), the first launch raises.
-    Then one warning names ``what()`` and the reason, and the caller keeps using the torch path for ``key``.
+    Then (if ``warn``) one warning names ``what()`` and the reason, and the caller uses another path for ``key``.
     While torch.compile traces or a CUDA graph is captured nothing can be launched: it answers True there, and
     an eager call made before (a warm-up) has settled the question.
     """
@@ -286,8 +319,9 @@ def runs_here(key: tuple, probe: Callable[[], None], what: Callable[[], str]) ->
         with torch.no_grad():
             probe()
     except Exception as e:  # compilation error, out of resources, unsupported dtype on this GPU ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        warnings.warn(f"seqvision: {what()} cannot run here ({reason}); using the torch path instead", stacklevel=3)
+        if warn:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            warnings.warn(f"seqvision: {what()} cannot run here ({reason}); using the torch path instead", stacklevel=3)
         _RUNS_HERE[key] = False
     else:
         _RUNS_HERE[key] = True
@@ -295,6 +329,9 @@ def runs_here(key: tuple, probe: Callable[[], None], what: Callable[[], str]) ->
 
 
 def _recurrence_runs_here(device: torch.device, dtype: torch.dtype, D: int, ndir: int) -> bool:
+    """Settles which launch settings (``_candidates``, best first) the kernels use here: the first whose trial
+    launch works. False, with one warning, if none does."""
+
     def probe() -> None:
         B, H, W = (16, 16, 16) if device.type == "cuda" else (1, 2, 2)  # 16: the specialisation of real shapes
         gx = torch.randn(B, H, W, ndir * 4 * D, device=device, dtype=dtype)
@@ -310,8 +347,15 @@ def _recurrence_runs_here(device: torch.device, dtype: torch.dtype, D: int, ndir
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the Triton interpreter"
         return f"the Triton BiLSTM2D kernels ({name}, {dtype}, hidden size {D})"
 
-    cfg = tuple(sorted(_config(D, dtype, device).items()))
-    return runs_here(("rnn2d", str(device), dtype, D, ndir, cfg), probe, what)
+    chosen = (str(device), dtype, D)
+    candidates = _candidates(D, dtype, device)
+    for k, cfg in enumerate(candidates):
+        _CHOSEN[chosen] = cfg  # the probe's launches read it through _config
+        key = ("rnn2d", str(device), dtype, D, ndir, tuple(sorted(cfg.items())))
+        if runs_here(key, probe, what, warn=k == len(candidates) - 1):
+            return True
+    del _CHOSEN[chosen]
+    return False
 
 
 # -- Entry point used by the dispatcher ------------------------------------------------------------------------
