@@ -286,3 +286,34 @@ def test_engine_from_environment(value, expected):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-1] == expected
+
+
+def test_packed_weights_layout_and_dtypes():
+    """The packing both engines share: directions in output order, biases summed in fp32 before a bf16 cast,
+    differentiable to every parameter; the inference copy is re-used until a weight changes."""
+    from seqvision.ops.packing import inference_packed_weights, packed_weights
+
+    rv, rh = make_rnns(4, 3)
+    w_ih, bias, w_hh = packed_weights([rv, rh], torch.bfloat16, torch.bfloat16)
+    assert w_ih.shape == (4 * 12, 4) and bias.shape == (4 * 12,) and w_hh.shape == (4, 12, 3)
+    assert w_ih.dtype == bias.dtype == w_hh.dtype == torch.bfloat16
+    order = [(rv, ""), (rv, "_reverse"), (rh, ""), (rh, "_reverse")]
+    for k, (r, s) in enumerate(order):
+        assert torch.equal(w_ih[12 * k : 12 * (k + 1)], getattr(r, f"weight_ih_l0{s}").bfloat16())
+        assert torch.equal(w_hh[k], getattr(r, f"weight_hh_l0{s}").bfloat16())
+        summed = (getattr(r, f"bias_ih_l0{s}") + getattr(r, f"bias_hh_l0{s}")).bfloat16()  # fp32 sum, then cast
+        assert torch.equal(bias[12 * k : 12 * (k + 1)], summed)
+    grads = torch.autograd.grad(w_ih.float().sum() + bias.float().sum() + w_hh.float().sum(), params(rv, rh))
+    assert all(g.abs().sum() > 0 for g in grads)
+
+    no_bias = nn.LSTM(4, 3, batch_first=True, bias=False)
+    assert packed_weights([no_bias], torch.float32, torch.float32)[1] is None
+
+    with torch.no_grad():
+        first = inference_packed_weights([rv, rh], torch.float32, torch.float32)
+        again = inference_packed_weights([rv, rh], torch.float32, torch.float32)
+        assert all(a is b for a, b in zip(first, again, strict=True))
+        rh.bias_hh_l0_reverse.add_(1.0)
+        rebuilt = inference_packed_weights([rv, rh], torch.float32, torch.float32)
+    torch.testing.assert_close(rebuilt[1][-12:], first[1][-12:] + 1.0)
+    assert torch.equal(rebuilt[1][:-12], first[1][:-12]) and torch.equal(rebuilt[0], first[0])

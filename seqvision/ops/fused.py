@@ -24,12 +24,13 @@ import hashlib
 import os
 import platform
 import warnings
-import weakref
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor, nn
+
+from .packing import inference_packed_weights, packed_weights
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "rnn2d.cpp"]
@@ -181,40 +182,6 @@ def _supported(rnns: list[nn.RNNBase], x: Tensor) -> bool:
     return True
 
 
-def _packed_weights(rnns: list[nn.RNNBase], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Stack the directions' weights (differentiably, so gradients reach every nn.LSTM parameter)."""
-    suffixes = ("", "_reverse") if rnns[0].bidirectional else ("",)
-    names = [(r, s) for r in rnns for s in suffixes]
-    w_ih = torch.cat([getattr(r, f"weight_ih_l0{s}") for r, s in names]).to(dtype)
-    w_hh = torch.stack([getattr(r, f"weight_hh_l0{s}") for r, s in names]).to(dtype)
-    acc = _acc_dtype(dtype)
-    if rnns[0].bias:
-        bias = torch.cat(
-            [getattr(r, f"bias_ih_l0{s}").to(acc) + getattr(r, f"bias_hh_l0{s}").to(acc) for r, s in names]
-        )
-    else:
-        bias = w_ih.new_zeros(w_ih.shape[0], dtype=acc)
-    return w_ih, bias, w_hh
-
-
-# Inference re-uses the packed weights: packing copies (and under autocast casts) every LSTM weight on each call.
-# Keyed weakly on the first module; a stamp of every parameter's storage and version counter invalidates it when
-# weights are replaced or changed in place (load_state_dict, optimizer steps, .to()).
-_pack_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _cached_packed_weights(rnns: list[nn.RNNBase], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    key = (tuple(id(r) for r in rnns), dtype)
-    stamp = tuple((p.data_ptr(), p._version) for r in rnns for p in r._flat_weights)
-    hit = _pack_cache.get(rnns[0], {}).get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable outside inference mode too
-        packed = _packed_weights(rnns, dtype)
-    _pack_cache.setdefault(rnns[0], {})[key] = (stamp, packed)
-    return packed
-
-
 def rnn2d_fused(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: str) -> Tensor | None:
     """``rnn2d_reference(x, rnn_v, rnn_h, union)`` with the fused kernels, or None where they do not apply."""
     rnns = [r for r in (rnn_v, rnn_h) if r is not None]
@@ -227,10 +194,11 @@ def rnn2d_fused(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, u
     n_v = dirs if rnn_v is not None else 0
     n_h = dirs if rnn_h is not None else 0
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for r in rnns for p in r.parameters()))
-    if save or torch.compiler.is_compiling():  # differentiable packing; under compile it is part of the graph
-        w_ih, bias, w_hh = _packed_weights(rnns, dtype)
-    else:
-        w_ih, bias, w_hh = _cached_packed_weights(rnns, dtype)
+    # Differentiable packing when training (and under compile, where it is part of the graph); else re-used.
+    pack = packed_weights if save or torch.compiler.is_compiling() else inference_packed_weights
+    w_ih, bias, w_hh = pack(rnns, dtype, _acc_dtype(dtype))
+    if bias is None:  # the kernel always adds a bias
+        bias = w_ih.new_zeros(w_ih.shape[0], dtype=_acc_dtype(dtype))
     out, _, _ = lstm2d(x.to(dtype).contiguous(), w_ih, bias, w_hh, n_v, n_h, save)
     if n_v and n_h and union != "cat":  # the reference joins two axes by addition unless union == "cat"
         half = out.shape[-1] // 2

@@ -5,6 +5,8 @@ Split of the work (issue 8):
 - torch does the large GEMMs: the input projections of every direction as one ``F.linear`` (weights of the
   directions concatenated, ``b_ih + b_hh`` folded into its bias), and later the block's fc. Under AMP these run
   in bf16/fp16 on tensor cores like any other linear layer, and autograd handles x, ``W_ih`` and the biases.
+  Inference packs the weights once, already in autocast's dtype (``seqvision.ops.packing``): per call that saves
+  a dozen small kernels (concatenations, bias sums, casts) and their launch time.
 - Triton does only the recurrence, ``seqvision::rnn2d_triton``: program (direction, tile of sequences) walks the
   time steps, adds ``h_{t-1} @ W_hh^T`` (``tl.dot``) to the precomputed projection, applies the gate
   nonlinearities and the cell update (fp32 cell state, whatever the input dtype) and writes ``h_t`` straight
@@ -38,6 +40,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .packing import inference_packed_weights, packed_weights
 
 # Direction codes: bit 1 = axis (0 vertical: down the columns, 1 horizontal: along the rows), bit 0 = reversed.
 # Up to 4 directions are packed 2 bits each into one int kernel argument (``dir_codes``).
@@ -367,18 +371,22 @@ def rnn2d_triton(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, 
     """BiLSTM2D token mixing (no fc) with the Triton recurrence; same contract as ``rnn2d_reference``.
 
     Returns None where this engine does not cover the configuration (GRU / tanh RNN, several layers, projections,
-    two axes with different hidden sizes or directions, on a GPU hidden sizes over 128 (over 64 in fp32), or
+    two axes with different hidden sizes, directions or biases, on a GPU hidden sizes over 128 (over 64 in fp32), or
     ``available(x)`` is false); the caller then falls back to nn.LSTM (cuDNN on GPU).
     """
     rnns = [(axis, r) for axis, r in ((0, rnn_v), (1, rnn_h)) if r is not None]
     if not rnns or not available(x) or x.dim() != 4 or not all(_supported(r) for _, r in rnns):
         return None
     first = rnns[0][1]
-    if any(r.hidden_size != first.hidden_size or r.bidirectional != first.bidirectional for _, r in rnns):
+    same = lambda r: (r.hidden_size, r.bidirectional, r.bias) == (first.hidden_size, first.bidirectional, first.bias)
+    if not all(same(r) for _, r in rnns):
         return None
-    if any(p.device != x.device for _, r in rnns for p in r._flat_weights):
+    modules = [r for _, r in rnns]
+    params = [p for r in modules for p in r._flat_weights]
+    if any(p.device != x.device for p in params):
         return None
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
     if x.is_cuda and not _fits_gpu(first.hidden_size, dtype):
         return None
 
@@ -387,21 +395,17 @@ def rnn2d_triton(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, 
         return None
 
     # Direction slices in the output order [vertical fwd | vertical bwd | horizontal fwd | horizontal bwd].
-    dirs: list[int] = []
-    w_ih, bias, w_hh = [], [], []
-    for axis, r in rnns:
-        for rev in range(2 if r.bidirectional else 1):
-            sfx = "_reverse" if rev else ""
-            dirs.append(2 * axis + rev)
-            w_ih.append(getattr(r, f"weight_ih_l0{sfx}"))
-            w_hh.append(getattr(r, f"weight_hh_l0{sfx}"))
-            if r.bias:
-                bias.append(getattr(r, f"bias_ih_l0{sfx}") + getattr(r, f"bias_hh_l0{sfx}"))
-    # One GEMM for every direction's input projection, both biases folded in (autocast applies here).
-    gx = F.linear(x, torch.cat(w_ih), torch.cat(bias) if bias else None)
-    w = torch.stack(w_hh)
-    save = torch.is_grad_enabled() and (gx.requires_grad or w.requires_grad)
-    y = rnn2d_triton_op(gx, w, dirs, save)[0]
+    dirs = [2 * axis + rev for axis, r in rnns for rev in range(2 if r.bidirectional else 1)]
+    save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    param_dtype = first.weight_ih_l0.dtype
+    if save or torch.compiler.is_compiling():  # part of the autograd graph; autocast casts them in F.linear
+        w_ih, bias, w_hh = packed_weights(modules, param_dtype, param_dtype)
+    else:  # inference: packed once, already in autocast's dtype (no casts per call)
+        pack_dtype = dtype if autocast else param_dtype
+        w_ih, bias, w_hh = inference_packed_weights(modules, pack_dtype, pack_dtype)
+    # One GEMM for every direction's input projection, both biases folded in.
+    gx = F.linear(x, w_ih, bias)
+    y = rnn2d_triton_op(gx, w_hh, dirs, save)[0]
 
     if len(rnns) == 2 and union != "cat":  # "add": v + h, each ndir/2 * D wide
         half = y.shape[-1] // 2
