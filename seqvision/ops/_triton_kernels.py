@@ -53,10 +53,14 @@ def _tile(pid_n, N, S, stride_s, H, W, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _units(start, D, BLOCK: tl.constexpr):
-    """A piece of the hidden state: units ``start`` .. ``start + BLOCK - 1``, and which of them exist (< D)."""
-    offs = start + tl.arange(0, BLOCK)
-    return offs, offs < D
+def _piece(pid_d, start, D, live, BLOCK: tl.constexpr):
+    """A piece of the hidden state: units ``start`` .. ``start + BLOCK - 1``, which of them exist (< D), the
+    (sequence, unit) mask, and direction ``pid_d``'s columns for them in the gate (4D per direction; add
+    gate * D) and output (D per direction) slices."""
+    j = start + tl.arange(0, BLOCK)
+    exists = j < D
+    mask = live[:, None] & exists[None, :]
+    return j, exists, mask, pid_d * 4 * D + j[None, :], pid_d * D + j[None, :]
 
 
 @triton.jit
@@ -94,6 +98,16 @@ def _load_gx(gx_ptr, base, rev, T, stride_t, s, g_stride, g_cols, D, mask):
     zg = tl.load(gx_ptr + g_ptrs + 2 * D, mask=mask, other=0.0).to(tl.float32)
     zo = tl.load(gx_ptr + g_ptrs + 3 * D, mask=mask, other=0.0).to(tl.float32)
     return zi, zf, zg, zo
+
+
+@triton.jit
+def _store_gates(ptr, g_ptrs, D, i, f, g, o, mask):
+    """Four per-gate values (activations or gradients) to a 4D-per-direction slice, in ``ptr``'s dtype."""
+    dt = ptr.dtype.element_ty
+    tl.store(ptr + g_ptrs, i.to(dt), mask=mask)
+    tl.store(ptr + g_ptrs + D, f.to(dt), mask=mask)
+    tl.store(ptr + g_ptrs + 2 * D, g.to(dt), mask=mask)
+    tl.store(ptr + g_ptrs + 3 * D, o.to(dt), mask=mask)
 
 
 @triton.jit
@@ -145,12 +159,7 @@ def _cell_fwd(zi, zf, zg, zo, c, y_ptr, gates_ptr, c_ptr, pos, g_stride, o_strid
     o_ptrs = pos[:, None] * o_stride + o_cols
     tl.store(y_ptr + o_ptrs, h.to(y_ptr.dtype.element_ty), mask=mask)
     if SAVE:
-        g_ptrs = pos[:, None] * g_stride + g_cols
-        gt = gates_ptr.dtype.element_ty
-        tl.store(gates_ptr + g_ptrs, i.to(gt), mask=mask)
-        tl.store(gates_ptr + g_ptrs + D, f.to(gt), mask=mask)
-        tl.store(gates_ptr + g_ptrs + 2 * D, g.to(gt), mask=mask)
-        tl.store(gates_ptr + g_ptrs + 3 * D, o.to(gt), mask=mask)
+        _store_gates(gates_ptr, pos[:, None] * g_stride + g_cols, D, i, f, g, o, mask)
         tl.store(c_ptr + o_ptrs, c, mask=mask)
     return h, c
 
@@ -165,12 +174,7 @@ def _cell_bwd(i, f, g, o, dh, c, c_prev, dc, dgx_ptr, pos, g_stride, g_cols, D, 
     dzi = dc * g * i * (1.0 - i)
     dzf = dc * c_prev * f * (1.0 - f)
     dzg = dc * i * (1.0 - g * g)
-    g_ptrs = pos[:, None] * g_stride + g_cols
-    gt = dgx_ptr.dtype.element_ty
-    tl.store(dgx_ptr + g_ptrs, dzi.to(gt), mask=mask)
-    tl.store(dgx_ptr + g_ptrs + D, dzf.to(gt), mask=mask)
-    tl.store(dgx_ptr + g_ptrs + 2 * D, dzg.to(gt), mask=mask)
-    tl.store(dgx_ptr + g_ptrs + 3 * D, dzo.to(gt), mask=mask)
+    _store_gates(dgx_ptr, pos[:, None] * g_stride + g_cols, D, dzi, dzf, dzg, dzo, mask)
     return dzi, dzf, dzg, dzo, dc * f
 
 
@@ -215,10 +219,7 @@ def lstm2d_fwd_kernel(
 
     # W_hh stays on chip for the whole sequence (ptxas: in shared memory). Re-reading it from L1/L2 every step
     # was tried: ptxas reports more register spills for that variant.
-    ja, ua = _units(0, D, BLOCK_A)
-    mask_a = live[:, None] & ua[None, :]
-    gcol_a = pid_d * 4 * D + ja[None, :]  # this direction's gate columns (+ gate * D) and output columns
-    ocol_a = pid_d * D + ja[None, :]
+    ja, ua, mask_a, gcol_a, ocol_a = _piece(pid_d, 0, D, live, BLOCK_A)
     wi_aa, wf_aa, wg_aa, wo_aa = _load_w_t(w_ptr, d_base, D, ja, ua, ja, ua)
     h_a = tl.zeros((BLOCK_N, BLOCK_A), dtype=cdt)
     c_a = tl.zeros((BLOCK_N, BLOCK_A), dtype=tl.float32)
@@ -227,10 +228,7 @@ def lstm2d_fwd_kernel(
     if PREFETCH:
         zi_a, zf_a, zg_a, zo_a = _load_gx(gx_ptr, base, rev, T, stride_t, 0, g_stride, gcol_a, D, mask_a)
     if BLOCK_B > 0:
-        jb, ub = _units(BLOCK_A, D, BLOCK_B)
-        mask_b = live[:, None] & ub[None, :]
-        gcol_b = pid_d * 4 * D + jb[None, :]
-        ocol_b = pid_d * D + jb[None, :]
+        jb, ub, mask_b, gcol_b, ocol_b = _piece(pid_d, BLOCK_A, D, live, BLOCK_B)
         wi_ab, wf_ab, wg_ab, wo_ab = _load_w_t(w_ptr, d_base, D, ja, ua, jb, ub)
         wi_ba, wf_ba, wg_ba, wo_ba = _load_w_t(w_ptr, d_base, D, jb, ub, ja, ua)
         wi_bb, wf_bb, wg_bb, wo_bb = _load_w_t(w_ptr, d_base, D, jb, ub, jb, ub)
@@ -321,10 +319,7 @@ def lstm2d_bwd_kernel(
     # c_t of each step is the previous iteration's c_{t-1}: one cell-state load per step, not two.
     last = base + (T - 1) * (1 - rev) * stride_t  # where the backward starts: the last step
 
-    ja, ua = _units(0, D, BLOCK_A)
-    mask_a = live[:, None] & ua[None, :]
-    gcol_a = pid_d * 4 * D + ja[None, :]
-    ocol_a = pid_d * D + ja[None, :]
+    ja, ua, mask_a, gcol_a, ocol_a = _piece(pid_d, 0, D, live, BLOCK_A)
     wi_aa, wf_aa, wg_aa, wo_aa = _load_w(w_ptr, d_base, D, ja, ua, ja, ua)
     dh_a = tl.zeros((BLOCK_N, BLOCK_A), dtype=tl.float32)  # dL/dh_t through step t+1's gates
     dc_a = tl.zeros((BLOCK_N, BLOCK_A), dtype=tl.float32)  # dL/dc_t through c_{t+1}
@@ -334,10 +329,7 @@ def lstm2d_bwd_kernel(
             gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, gcol_a, ocol_a, D, T - 1, mask_a
         )
     if BLOCK_B > 0:
-        jb, ub = _units(BLOCK_A, D, BLOCK_B)
-        mask_b = live[:, None] & ub[None, :]
-        gcol_b = pid_d * 4 * D + jb[None, :]
-        ocol_b = pid_d * D + jb[None, :]
+        jb, ub, mask_b, gcol_b, ocol_b = _piece(pid_d, BLOCK_A, D, live, BLOCK_B)
         wi_ab, wf_ab, wg_ab, wo_ab = _load_w(w_ptr, d_base, D, ja, ua, jb, ub)
         wi_ba, wf_ba, wg_ba, wo_ba = _load_w(w_ptr, d_base, D, jb, ub, ja, ua)
         wi_bb, wf_bb, wg_bb, wo_bb = _load_w(w_ptr, d_base, D, jb, ub, jb, ub)
