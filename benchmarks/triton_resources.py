@@ -24,9 +24,10 @@ import tempfile
 from pathlib import Path
 
 KERNELS = Path(__file__).resolve().parents[1] / "seqvision" / "ops" / "_triton_kernels.py"
-# Shared memory per block, opt-in maximum, bytes: A100 (8.0), RTX 30xx / A10 (8.6), RTX 40xx / L4 (8.9), H100 (9.0).
-SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-GPUS = {80: "A100", 86: "RTX 30xx", 89: "RTX 40xx", 90: "H100"}
+# Shared memory per block, opt-in maximum, bytes: T4 / RTX 20xx (7.5, no bf16), A100 (8.0), RTX 30xx / A10 (8.6),
+# RTX 40xx / L4 (8.9), H100 (9.0).
+SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+GPUS = {75: "T4", 80: "A100", 86: "RTX 30xx", 89: "RTX 40xx", 90: "H100"}
 # name -> (D, BLOCK_A, BLOCK_B): Sequencer2D's hidden sizes, held in one padded piece or split in two.
 LAYOUTS = {
     "D=48 one piece (64)": (48, 64, 0),
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="example: python benchmarks/triton_resources.py --sm 86 89 --dtype bf16",
     )
-    p.add_argument("--sm", type=int, nargs="+", default=sorted(SMEM_LIMIT), help="compute capabilities x 10")
+    p.add_argument("--sm", type=int, nargs="+", default=[80, 86, 89, 90], help="compute capabilities x 10 (75: fp16)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--block-n", type=int, default=16, help="sequences per program")
     p.add_argument("--warps", type=int, default=8)
