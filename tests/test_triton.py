@@ -130,6 +130,7 @@ def split_hidden_state(device: str) -> None:
             triton_lstm._config = lambda D, dtype, dev, p=prefetch: split(D, dtype, dev, p)
             _compare((3, 5, 7, 8), D=20, device=device)  # 16 + 4 of 16: H != W, two tiles vertically
             _compare((2, 1, 3, 6), D=40, union="add", device=device)  # 32 + 8 of 16, T = 1 vertically
+        _compare((2, 3, 4, 6), D=20, union="vertical", h=False, bidirectional=False, device=device)  # one direction
         rv, rh = (r.to(device) for r in _lstms(8, 20))
         x = torch.randn(2, 3, 5, 8, device=device)
         ref = rnn2d_reference(x, rv, rh, "cat")
