@@ -212,6 +212,10 @@ def benchmark(
                         torch.cuda.empty_cache()
                 if is_ours:
                     row |= {"triton_calls": stats["triton"], "fallback_calls": stats["fallback"]}
+                    if stats["triton"]:  # which kernel variant each hidden size ran with (GPUs differ)
+                        from seqvision.ops import triton_lstm
+
+                        row["triton_settings"] = triton_lstm.chosen_settings(dev)
                 results.append(row)
                 log(format_row(row))
                 if "profile" in row:
@@ -223,6 +227,8 @@ def format_row(r: dict) -> str:
     note = r.get("error", "")
     if r.get("fallback_calls"):
         note += f" ({r['fallback_calls']} BiLSTM2D calls fell back from Triton)"
+    if r.get("triton_settings"):
+        note += " [" + "; ".join(f"{k}: {v}" for k, v in r["triton_settings"].items()) + "]"
     return f"{_name(r):<46} {r['mode']:<6} {r['img_s']:>10.1f} img/s {r['peak_gib']:>8.2f} GiB {note}"
 
 

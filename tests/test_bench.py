@@ -88,6 +88,12 @@ def test_gpu_benchmark_several_engines_and_profile_on_cpu():
         benchmark_gpu.benchmark(["seqvision:sequencer2d_s"], ["infer"], device="cpu", engine="triton,cudnn")
 
 
+def test_gpu_row_names_the_triton_settings_used():
+    row = dict(model="seqvision:sequencer2d_s", engine="triton", mode="infer", img_s=10.0, peak_gib=1.0,
+               fallback_calls=0, triton_settings={"torch.bfloat16, D=96": "hidden state split 64 + 32"})
+    assert benchmark_gpu.format_row(row).endswith("[torch.bfloat16, D=96: hidden state split 64 + 32]")
+
+
 def test_gpu_table_compares_with_timm_eager_when_compiled_rows_follow():
     row = lambda model, compiled, img_s: dict(model=model, mode="infer", img_s=img_s, peak_gib=1.0, compiled=compiled)
     rows = [row("timm:sequencer2d_s", False, 100.0), row("seqvision:sequencer2d_s", False, 150.0),

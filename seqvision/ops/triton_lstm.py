@@ -132,6 +132,20 @@ def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
     return _CHOSEN.get((str(device), dtype, D)) or _candidates(D, dtype, device)[0]
 
 
+def chosen_settings(device: torch.device | str) -> dict[str, str]:
+    """What the first uses on ``device`` settled on, for reports: ``{"torch.bfloat16, D=96": "hidden state split
+    64 + 32, 16 sequences x 8 warps, prefetch"}`` (empty before any use)."""
+    out = {}
+    for (dev, dtype, D), cfg in sorted(_CHOSEN.items(), key=lambda kv: (str(kv[0][1]), kv[0][2])):
+        if dev != str(torch.device(device)):
+            continue
+        a, b = cfg["BLOCK_A"], cfg["BLOCK_B"]
+        layout = f"hidden state split {a} + {b}" if b else f"hidden state in one piece of {a}"
+        prefetch = ", prefetch" if cfg["PREFETCH"] else ""
+        out[f"{dtype}, D={D}"] = f"{layout}, {cfg['BLOCK_N']} sequences x {cfg['num_warps']} warps{prefetch}"
+    return out
+
+
 def _tuned() -> dict[int, dict]:
     """Launch settings from ``SEQVISION_TRITON_TUNE``: comma-separated ``BLOCK_D:BLOCK_N:num_warps:prefetch[:split]``
     entries, e.g. ``64:32:8:1,128:16:8:1:1`` (for tuning runs; split defaults to 0; a malformed entry raises
