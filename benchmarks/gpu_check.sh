@@ -2,8 +2,9 @@
 # Issue 8's GPU session in one command (at most 9 minutes; the eager part took 2 on an H100): versions, the
 # Triton engine's GPU tests (parity with the reference path and with timm's model), the op-level sweep of launch
 # settings against cuDNN, the model benchmark (seqvision Triton / cuDNN vs timm's sequencer2d and convnext_tiny)
-# with the fastest settings, a kernel profile, torch.compile rows, then M and L while time is left. Logs and
-# JSON (8 files) go to $OUT (default /tmp/gpu_check). Run from the repository root:
+# with the fastest settings, the same without the Triton LayerNorm, a kernel profile, torch.compile rows, then M
+# and L while time is left. Logs and JSON (8 files) go to $OUT (default /tmp/gpu_check). Run from the
+# repository root:
 #
 #     bash benchmarks/gpu_check.sh
 set -u
@@ -44,6 +45,12 @@ SEQVISION_TRITON_TUNE=$TUNE timeout 200 $PY benchmarks/bench_gpu.py \
     --engine triton,reference --warmup 3 --iters 10 --json "$OUT/model_s.json" >"$OUT/model_s.log" 2>&1
 echo "model bench rc $?"
 sed -n '/^| model/,$p' "$OUT/model_s.log"
+
+step "A/B in one process: the same model with nn.LayerNorm instead of the Triton LayerNorm"
+SEQVISION_TRITON_TUNE=$TUNE SEQVISION_NO_TRITON_LAYERNORM=1 timeout 90 $PY benchmarks/bench_gpu.py \
+    --models seqvision:sequencer2d_s timm:sequencer2d_s --modes infer --warmup 3 --iters 10 >"$SCRATCH/ln_off.log" 2>&1
+echo "LayerNorm off rc $?"
+grep -E "img/s" "$SCRATCH/ln_off.log"
 
 step "where the time goes: seqvision inference, top kernels"
 timeout 60 $PY benchmarks/bench_gpu.py --models seqvision:sequencer2d_s --modes infer --warmup 2 --iters 3 \

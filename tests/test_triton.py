@@ -542,6 +542,28 @@ def layer_norm_one_pass(device: str) -> None:
     torch.library.opcheck(layer_norm.layer_norm_triton_op, (xs, w, b, 1e-6, torch.float32))
 
 
+@check
+def layer_norm_switched_off_by_environment(device: str) -> None:
+    """SEQVISION_NO_TRITON_LAYERNORM=1: ops.LayerNorm is nn.LayerNorm, bit for bit, and its kernel never runs."""
+    from seqvision.ops import layer_norm
+
+    ours, ref = _layer_norm_pair(20, device)
+    x = torch.randn(3, 4, 20, device=device)
+    calls = []
+    original = layer_norm.layer_norm_triton_op
+    layer_norm.layer_norm_triton_op = lambda *a: calls.append(1) or original(*a)
+    os.environ["SEQVISION_NO_TRITON_LAYERNORM"] = "1"
+    try:
+        torch.testing.assert_close(ours(x), ref(x), atol=0, rtol=0)
+        assert calls == []
+        os.environ["SEQVISION_NO_TRITON_LAYERNORM"] = "0"
+        ours(x)
+        assert calls, "the Triton path was not taken with the switch at 0"  # (a first use's trial launch too)
+    finally:
+        os.environ.pop("SEQVISION_NO_TRITON_LAYERNORM", None)
+        layer_norm.layer_norm_triton_op = original
+
+
 # -- pytest side ------------------------------------------------------------------------------------------------
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 

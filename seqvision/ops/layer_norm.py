@@ -9,12 +9,14 @@ saved mean and 1/std). Its effect on the whole model has not been measured yet (
 
 It takes the Triton path only where the BiLSTM2D engine would (CUDA with triton, engine ``auto`` or
 ``triton``, not while torch.compile traces: Inductor fuses the plain ops itself); everywhere else, including
-the ``reference`` engine and CPUs, it is nn.LayerNorm exactly.
+the ``reference`` engine and CPUs, it is nn.LayerNorm exactly. ``SEQVISION_NO_TRITON_LAYERNORM=1`` makes it
+nn.LayerNorm everywhere (to compare the two in one run, or should the kernel misbehave on some GPU).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor, nn
@@ -116,6 +118,7 @@ class LayerNorm(nn.LayerNorm):
 
         return (
             get_engine() in ("auto", "triton")
+            and os.environ.get("SEQVISION_NO_TRITON_LAYERNORM", "") in ("", "0")
             and not torch.compiler.is_compiling()
             and triton_lstm.available(x)
             and self.weight is not None
