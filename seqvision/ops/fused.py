@@ -30,7 +30,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from .packing import inference_packed_weights, packed_weights
+from .packing import packed_weights
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "rnn2d.cpp"]
@@ -194,9 +194,7 @@ def rnn2d_fused(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, u
     n_v = dirs if rnn_v is not None else 0
     n_h = dirs if rnn_h is not None else 0
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for r in rnns for p in r.parameters()))
-    # Differentiable packing when training (and under compile, where it is part of the graph); else re-used.
-    pack = packed_weights if save or torch.compiler.is_compiling() else inference_packed_weights
-    w_ih, bias, w_hh = pack(rnns, dtype, _acc_dtype(dtype))
+    w_ih, bias, w_hh = packed_weights(rnns, dtype, _acc_dtype(dtype))
     if bias is None:  # the kernel always adds a bias
         bias = w_ih.new_zeros(w_ih.shape[0], dtype=_acc_dtype(dtype))
     out, _, _ = lstm2d(x.to(dtype).contiguous(), w_ih, bias, w_hh, n_v, n_h, save)

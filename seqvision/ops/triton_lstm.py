@@ -5,8 +5,6 @@ Split of the work (issue 8):
 - torch does the large GEMMs: the input projections of every direction as one ``F.linear`` (weights of the
   directions concatenated, ``b_ih + b_hh`` folded into its bias), and later the block's fc. Under AMP these run
   in bf16/fp16 on tensor cores like any other linear layer, and autograd handles x, ``W_ih`` and the biases.
-  Inference packs the weights once, already in autocast's dtype (``seqvision.ops.packing``): per call that saves
-  a dozen small kernels (concatenations, bias sums, casts) and their launch time.
 - Triton does only the recurrence, ``seqvision::rnn2d_triton``: program (direction, tile of sequences) walks the
   time steps, adds ``h_{t-1} @ W_hh^T`` (``tl.dot``) to the precomputed projection, applies the gate
   nonlinearities and the cell update (fp32 cell state, whatever the input dtype) and writes ``h_t`` straight
@@ -41,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .packing import inference_packed_weights, packed_weights
+from .packing import packed_weights
 
 # Direction codes: bit 1 = axis (0 vertical: down the columns, 1 horizontal: along the rows), bit 0 = reversed.
 # Up to 4 directions are packed 2 bits each into one int kernel argument (``dir_codes``).
@@ -399,8 +397,7 @@ def rnn2d_triton(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, 
     params = [p for r in modules for p in r._flat_weights]
     if any(p.device != x.device for p in params):
         return None
-    autocast = torch.is_autocast_enabled(x.device.type)
-    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     if x.is_cuda and not _fits_gpu(first.hidden_size, dtype):
         return None
 
@@ -411,12 +408,9 @@ def rnn2d_triton(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, 
     # Direction slices in the output order [vertical fwd | vertical bwd | horizontal fwd | horizontal bwd].
     dirs = [2 * axis + rev for axis, r in rnns for rev in range(2 if r.bidirectional else 1)]
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    # In the parameters' dtype: autocast casts W_ih and the bias in F.linear, the op casts W_hh.
     param_dtype = first.weight_ih_l0.dtype
-    if save or torch.compiler.is_compiling():  # part of the autograd graph; autocast casts them in F.linear
-        w_ih, bias, w_hh = packed_weights(modules, param_dtype, param_dtype)
-    else:  # inference: packed once, already in autocast's dtype (no casts per call)
-        pack_dtype = dtype if autocast else param_dtype
-        w_ih, bias, w_hh = inference_packed_weights(modules, pack_dtype, pack_dtype)
+    w_ih, bias, w_hh = packed_weights(modules, param_dtype, param_dtype)
     # One GEMM for every direction's input projection, both biases folded in.
     gx = F.linear(x, w_ih, bias)
     y = rnn2d_triton_op(gx, w_hh, dirs, save)[0]
