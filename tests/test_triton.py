@@ -519,6 +519,34 @@ def layer_norm_one_pass(device: str) -> None:
 
 
 @check
+def layer_norm_backward_in_triton(device: str) -> None:
+    """ops.LayerNorm's backward runs its Triton kernel: several programs, each over several row blocks, the last
+    one partial; dx, dw, db against nn.LayerNorm's (fp32), and the op's registration (opcheck)."""
+    from seqvision.ops import layer_norm
+
+    torch.manual_seed(0)
+    ours, ref = _layer_norm_pair(20, device)
+    x = torch.randn(1000, 20, device=device, requires_grad=True)  # 16 blocks of 64 rows, 4 programs (interpreter)
+    calls = []
+    original = layer_norm.layer_norm_triton_backward_op
+    layer_norm.layer_norm_triton_backward_op = lambda *a: calls.append(1) or original(*a)
+    try:
+        y, want = ours(x), ref(x)
+        g = torch.randn_like(want)
+        got = torch.autograd.grad(y, [x, ours.weight, ours.bias], g)
+    finally:
+        layer_norm.layer_norm_triton_backward_op = original
+    assert calls, "the backward did not run the Triton kernel"  # (a first use's trial launch may add a call)
+    exp = torch.autograd.grad(want, [x, ref.weight, ref.bias], g)
+    for a, b in zip(got, exp, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+    _, mean, rstd = layer_norm.layer_norm_triton_op(x.detach(), ours.weight, ours.bias, 1e-6, torch.float32)
+    args = (g, x.detach(), ours.weight.detach(), mean, rstd)
+    torch.library.opcheck(layer_norm.layer_norm_triton_backward_op, args)
+
+
+@check
 def layer_norm_switched_off_by_environment(device: str) -> None:
     """SEQVISION_NO_TRITON_LAYERNORM=1: ops.LayerNorm is nn.LayerNorm, bit for bit, and its kernel never runs."""
     from seqvision.ops import layer_norm

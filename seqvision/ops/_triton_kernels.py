@@ -425,3 +425,49 @@ def layer_norm_fwd_kernel(
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=mask_r)
     tl.store(rstd_ptr + rows, rstd, mask=mask_r)
+
+
+@triton.jit
+def layer_norm_bwd_kernel(
+    x_ptr,  # M x C, contiguous (the forward's input)
+    dy_ptr,  # M x C, contiguous
+    w_ptr,  # C
+    mean_ptr,  # M fp32, from the forward
+    rstd_ptr,  # M fp32
+    dx_ptr,  # M x C, in x's dtype
+    dw_ptr,  # P x C fp32: this program's share of dL/dw (summed over programs afterwards)
+    db_ptr,  # P x C fp32: the same for dL/db
+    M,
+    C,
+    rows_per_program,  # a multiple of BLOCK_M
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # y = xhat * w + b, xhat = (x - mean) * rstd  =>  dx = rstd * (w dy - mean_C(w dy) - xhat * mean_C(w dy xhat)),
+    # dw = sum over rows of dy * xhat, db = sum of dy. Math in fp32 whatever the dtypes.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    first = pid * rows_per_program
+    for r0 in range(first, first + rows_per_program, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        mask_r = rows < M
+        mask = mask_r[:, None] & mask_c[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=mask_r, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dy
+        c1 = tl.sum(xhat * wdy, axis=1) / C
+        c2 = tl.sum(wdy, axis=1) / C
+        dx = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xhat, axis=0)
+        db += tl.sum(dy, axis=0)
+    tl.store(dw_ptr + pid * C + cols, dw, mask=mask_c)
+    tl.store(db_ptr + pid * C + cols, db, mask=mask_c)

@@ -4,8 +4,10 @@ Why: profiled on an H100 (bf16 autocast, batch 256, benchmarks/RESULTS.md), a th
 forward went to LayerNorm (7.6 ms) and a dtype cast per LayerNorm (3.6 ms) out of 33.4 ms, more than the LSTM
 recurrences took: under autocast nn.LayerNorm writes fp32, and the Linear after it casts that to bf16 in
 another pass. This module does it in one pass (fp32 statistics, output in the autocast dtype, the dtype that
-Linear would cast it to anyway) and keeps nn.LayerNorm's parameters, state dict and backward (ATen's, from the
-saved mean and 1/std). Its effect on the whole model has not been measured yet (RESULTS.md says why).
+Linear would cast it to anyway) and keeps nn.LayerNorm's parameters and state dict. The backward is one Triton
+pass too (fp32 math; dx in the stream's dtype), where ATen's would need the bf16 stream and its gradient cast
+to fp32 first and dx cast back (three more passes over the activations). Neither effect on the whole model has
+been measured yet (RESULTS.md says why).
 
 It takes the Triton path only where the BiLSTM2D engine would (CUDA with triton, engine ``auto`` or
 ``triton``, not while torch.compile traces: Inductor fuses the plain ops itself); everywhere else, including
@@ -25,15 +27,26 @@ from . import triton_lstm
 
 
 @functools.cache
-def _kernel():
+def _kernels():
+    """(forward kernel, backward kernel), imported on first use: this module must not need triton."""
     from . import _triton_kernels as k
 
-    return k.layer_norm_fwd_kernel
+    return k.layer_norm_fwd_kernel, k.layer_norm_bwd_kernel
 
 
-def _blocks(C: int, device: torch.device) -> dict:
+@functools.cache
+def _programs_in_flight(device: torch.device) -> int:
+    """How many backward programs to launch: each loops over its share of the rows and keeps its partial dw, db
+    in registers, so a few per SM suffice (ptxas: 3 fit at once) and few partial sums are left to add up. Not
+    tuned on a GPU yet."""
+    return 8 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _blocks(C: int, device: torch.device, elements: int = 4096) -> dict:
+    """Rows per block (``elements`` per block: the forward's 4K keep enough rows in flight per SM; the backward
+    takes 2K, which ptxas fits in ~140 registers instead of 210-255), padded channels, warps."""
     block_c = triton_lstm.block_size(C)
-    block_m = max(1, 4096 // block_c)  # ~4K elements per program: enough rows in flight per SM
+    block_m = max(1, elements // block_c)
     return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4 if device.type == "cuda" else 1)
 
 
@@ -52,7 +65,7 @@ def layer_norm_triton_op(
     if M:
         cfg = _blocks(C, x.device)
         grid = ((M + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"],)
-        _kernel()[grid](x2, weight.contiguous(), bias.contiguous(), y, mean, rstd, M, C, eps, **cfg)
+        _kernels()[0][grid](x2, weight.contiguous(), bias.contiguous(), y, mean, rstd, M, C, eps, **cfg)
     return y, mean, rstd
 
 
@@ -62,24 +75,47 @@ def _(x, weight, bias, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype), stats, torch.empty_like(stats)
 
 
+@torch.library.custom_op("seqvision::layer_norm_triton_backward", mutates_args=())
+def layer_norm_triton_backward_op(
+    dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``layer_norm_triton`` (dx in x's dtype; dw, db in the weight's) from its saved statistics:
+    one Triton pass over the rows with fp32 math, whatever the dtypes (a bf16 stream and fp32 parameters under
+    autocast), then a sum of the programs' partial dw, db."""
+    C = x.shape[-1]
+    x2, dy2 = x.contiguous().view(-1, C), dy.contiguous().view(-1, C)
+    M = x2.shape[0]
+    dx = torch.empty_like(x2)
+    if M == 0:
+        return dx.view(x.shape), torch.zeros_like(weight), torch.zeros_like(weight)
+    cfg = _blocks(C, x.device, elements=2048)
+    blocks = (M + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"]
+    per_program = (blocks + _programs_in_flight(x.device) - 1) // _programs_in_flight(x.device)
+    rows_per_program = per_program * cfg["BLOCK_M"]
+    programs = (M + rows_per_program - 1) // rows_per_program
+    dw = x.new_empty(programs, C, dtype=torch.float32)
+    db = torch.empty_like(dw)
+    _kernels()[1][(programs,)](x2, dy2, weight.contiguous(), mean, rstd, dx, dw, db, M, C, rows_per_program, **cfg)
+    return dx.view(x.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+@layer_norm_triton_backward_op.register_fake
+def _(dy, x, weight, mean, rstd):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, eps, out_dtype = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-    # In fp32 whatever the dtypes: ATen's backward wants one dtype for x and the parameters (under autocast a
-    # bf16 stream meets fp32 ones), and on CPUs statistics in x's dtype; ours are fp32.
-    f32 = lambda t: t.to(torch.float32)
-    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-        f32(dy), f32(x), [x.shape[-1]], mean, rstd, f32(weight), f32(bias), mask
-    )
-    cast = lambda g, like: g.to(like.dtype) if g is not None else None
-    return cast(dx, x), cast(dw, weight), cast(db, bias), None, None
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_triton_backward_op(dy, x, weight, mean, rstd)
+    grads = (dx, dw, db)
+    return *(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:3], strict=True)), None, None
 
 
 layer_norm_triton_op.register_autograd(_backward, setup_context=_setup_context)
@@ -88,14 +124,16 @@ layer_norm_triton_op.register_autograd(_backward, setup_context=_setup_context)
 def _runs_here(x: Tensor, param_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     C, device = x.shape[-1], x.device
 
-    def probe() -> None:
+    def probe() -> None:  # forward and backward kernels
         w = torch.ones(C, device=device, dtype=param_dtype)
-        layer_norm_triton_op(torch.randn(4, C, device=device, dtype=x.dtype), w, w, 1e-6, out_dtype)
+        x4 = torch.randn(4, C, device=device, dtype=x.dtype)
+        y, mean, rstd = layer_norm_triton_op(x4, w, w, 1e-6, out_dtype)
+        layer_norm_triton_backward_op(torch.ones_like(y), x4, w, mean, rstd)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     def what() -> str:
-        return f"the Triton LayerNorm kernel ({x.dtype} -> {out_dtype}, {C} channels)"
+        return f"the Triton LayerNorm kernels ({x.dtype} -> {out_dtype}, {C} channels)"
 
     block_c = _blocks(C, device)["BLOCK_C"]
     return triton_lstm.runs_here(("layer_norm", str(device), x.dtype, param_dtype, out_dtype, block_c), probe, what)
