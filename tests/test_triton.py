@@ -667,6 +667,7 @@ def test_chosen_settings_report(monkeypatch: pytest.MonkeyPatch) -> None:
         "torch.bfloat16, D=96": "hidden state split 64 + 32, 16 sequences x 8 warps, prefetch",
     }
     assert list(triton_lstm.chosen_settings(torch.device("cuda", 1))) == ["torch.float16, D=48"]
+    assert len(triton_lstm.chosen_settings("cuda")) == 3  # no index: every CUDA device's
     assert triton_lstm.chosen_settings("cpu") == {}
 
 

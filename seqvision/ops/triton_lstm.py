@@ -133,9 +133,11 @@ def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
 def chosen_settings(device: torch.device | str) -> dict[str, str]:
     """What the first uses on ``device`` settled on, for reports: ``{"torch.bfloat16, D=96": "hidden state split
     64 + 32, 16 sequences x 8 warps, prefetch"}`` (empty before any use)."""
+    want = torch.device(device)
     out = {}
     for (dev, dtype, D), cfg in sorted(_CHOSEN.items(), key=lambda kv: (str(kv[0][1]), kv[0][2])):
-        if dev != str(torch.device(device)):
+        dev = torch.device(dev)
+        if dev.type != want.type or want.index not in (None, dev.index):  # "cuda" matches "cuda:0"
             continue
         a, b = cfg["BLOCK_A"], cfg["BLOCK_B"]
         layout = f"hidden state split {a} + {b}" if b else f"hidden state in one piece of {a}"
