@@ -397,28 +397,41 @@ def kernel_failure_falls_back_with_one_warning(device: str) -> None:
 
 @check
 def next_candidate_when_the_first_cannot_run(device: str) -> None:
-    """A GPU with too little shared memory for the one-piece kernel (D = 96 on an RTX 4090): the first use tries
-    it, then the split kernel, which runs: no warning, the split settings are kept, the result is right."""
+    """A GPU with too little shared memory for the one-piece kernels (D = 96 on an RTX 4090): Triton raises
+    OutOfResources before launching, the launcher takes the split kernels instead, silently, and keeps them for
+    this device; direct op calls (as in a graph torch.compile traced before any eager call) do the same."""
     import warnings
 
+    from triton.runtime.errors import OutOfResources
+
     from seqvision.ops import triton_lstm
+    from seqvision.ops.triton_lstm import rnn2d_triton_backward_op, rnn2d_triton_op
 
-    original_op, original_candidates = triton_lstm.rnn2d_triton_op, triton_lstm._candidates
-    saved = dict(triton_lstm._RUNS_HERE), dict(triton_lstm._CHOSEN)
+    class SmallGpu:  # launches only the split kernels, as a 99 KiB GPU would
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-    def op(gx, w, dirs, save):
-        if triton_lstm._config(w.shape[-1], gx.dtype, gx.device)["BLOCK_B"] == 0:
-            raise RuntimeError("out of resource: shared memory, Required: 151552, Hardware limit: 101376")
-        return original_op(gx, w, dirs, save)
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if kw["BLOCK_B"] == 0:
+                    raise OutOfResources(151552, 101376, "shared memory")
+                launched.append(kw["BLOCK_B"])
+                return self.kernel[grid](*args, **kw)
+
+            return launch
 
     def candidates(D, dtype, dev):
         one = original_candidates(D, dtype, dev)[0]
         block_a, block_b = triton_lstm.pieces(D, True)
         return [one, {**one, "BLOCK_A": block_a, "BLOCK_B": block_b}]
 
+    launched: list[int] = []
+    original_kernels, original_candidates = triton_lstm._kernels, triton_lstm._candidates
+    saved = dict(triton_lstm._RUNS_HERE), dict(triton_lstm._CHOSEN)
     triton_lstm._RUNS_HERE.clear()
     triton_lstm._CHOSEN.clear()
-    triton_lstm.rnn2d_triton_op, triton_lstm._candidates = op, candidates
+    triton_lstm._kernels = lambda: tuple(SmallGpu(k) for k in original_kernels())
+    triton_lstm._candidates = candidates
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -426,9 +439,17 @@ def next_candidate_when_the_first_cannot_run(device: str) -> None:
         assert not [w for w in caught if "seqvision" in str(w.message)], [str(w.message) for w in caught]
         chosen = triton_lstm._config(20, torch.float32, torch.device(device))
         assert (chosen["BLOCK_A"], chosen["BLOCK_B"]) == (16, 16), chosen
-        assert sorted(triton_lstm._RUNS_HERE.values()) == [False, True]
+        assert launched and set(launched) == {16}
+
+        triton_lstm._CHOSEN.clear()  # nothing settled yet: the ops themselves fall back
+        gx = torch.randn(1, 3, 2, 4 * 4 * 20, device=device)
+        w = 0.2 * torch.randn(4, 4 * 20, 20, device=device)
+        y, gates, c = rnn2d_triton_op(gx, w, [0, 1, 2, 3], True)
+        triton_lstm._CHOSEN.clear()
+        rnn2d_triton_backward_op(torch.ones_like(y), gates, c, y, w, [0, 1, 2, 3])
+        assert triton_lstm._config(20, torch.float32, torch.device(device))["BLOCK_B"] == 16
     finally:
-        triton_lstm.rnn2d_triton_op, triton_lstm._candidates = original_op, original_candidates
+        triton_lstm._kernels, triton_lstm._candidates = original_kernels, original_candidates
         for table, before in zip((triton_lstm._RUNS_HERE, triton_lstm._CHOSEN), saved, strict=True):
             table.clear()
             table.update(before)
@@ -650,6 +671,10 @@ def test_tuned_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     cands = triton_lstm._candidates(96, torch.float16, torch.device("cuda"))  # the built-in defaults
     assert [(c["BLOCK_N"], c["BLOCK_A"], c["BLOCK_B"]) for c in cands] == [(16, 128, 0), (16, 64, 32)]
     assert triton_lstm._config(96, torch.float16, torch.device("cuda")) == cands[0]  # before any first use
+    triton_lstm._CHOSEN[("cuda", torch.float16, 96)] = cands[1]  # a fallback taken on this device
+    assert triton_lstm._config(96, torch.float16, torch.device("cuda")) == cands[1]
+    monkeypatch.setenv("SEQVISION_TRITON_TUNE", "128:32:4:1")  # the environment's setting comes first
+    assert triton_lstm._config(96, torch.float16, torch.device("cuda"))["BLOCK_N"] == 32
     monkeypatch.setenv("SEQVISION_TRITON_TUNE", "128:16")
     with pytest.raises(ValueError, match="BLOCK_D:BLOCK_N:num_warps:prefetch"):
         triton_lstm._config(96, torch.float16, torch.device("cuda"))

@@ -71,12 +71,10 @@ def available(x: Tensor) -> bool:
 # -- Kernels ---------------------------------------------------------------------------------------------------
 @functools.cache
 def _kernels():
-    """``(triton, forward kernel, backward kernel)``, imported on first use so that this module never needs triton."""
-    import triton
-
+    """``(forward kernel, backward kernel)``, imported on first use so that this module never needs triton."""
     from . import _triton_kernels as k
 
-    return triton, k.lstm2d_fwd_kernel, k.lstm2d_bwd_kernel
+    return k.lstm2d_fwd_kernel, k.lstm2d_bwd_kernel
 
 
 # -- Launch configuration --------------------------------------------------------------------------------------
@@ -121,13 +119,38 @@ def _candidates(D: int, dtype: torch.dtype, device: torch.device) -> list[dict]:
     return out
 
 
-# (device, dtype, D) -> the launch settings the first use settled on (see ``_recurrence_runs_here``).
+# (device, dtype, D) -> the candidate taken where the first one could not launch (see ``_launch``).
 _CHOSEN: dict[tuple, dict] = {}
 
 
 def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The launch settings for the kernels: the first candidate that ran on this device, else the first one."""
-    return _CHOSEN.get((str(device), dtype, D)) or _candidates(D, dtype, device)[0]
+    """The launch settings to try first: ``SEQVISION_TRITON_TUNE``'s, else the candidate a fallback settled on
+    for this device, else the first candidate."""
+    candidates = _candidates(D, dtype, device)
+    if block_size(D) in _tuned():
+        return candidates[0]
+    return _CHOSEN.get((str(device), dtype, D)) or candidates[0]
+
+
+def _launch(kernel, ndir: int, sequences: int, D: int, dtype: torch.dtype, device: torch.device, *args, **kw):
+    """``kernel`` over (directions, tiles of sequences) with ``_config``'s settings; where those need more of the
+    GPU than it has (Triton raises OutOfResources before launching anything), the next candidate, which is then
+    remembered for this device. Selection happens here, at run time, so that it also works inside graphs that
+    torch.compile traced before any eager call (where nothing could be tried)."""
+    from triton.runtime.errors import OutOfResources
+
+    first = _config(D, dtype, device)
+    error = None
+    for cfg in [first] + [c for c in _candidates(D, dtype, device) if c != first]:
+        try:
+            kernel[(ndir, -(-sequences // cfg["BLOCK_N"]))](*args, **kw, **cfg)
+        except OutOfResources as e:
+            error = e
+            continue
+        if cfg is not first:
+            _CHOSEN[(str(device), dtype, D)] = cfg
+        return
+    raise error
 
 
 def chosen_settings(device: torch.device | str) -> dict[str, str]:
@@ -216,10 +239,13 @@ def rnn2d_triton_op(gx: Tensor, w_hh: Tensor, dirs: list[int], save: bool) -> tu
     c = gx.new_empty(B, H, W, ndir * D, dtype=torch.float32) if save else gx.new_empty(0, dtype=torch.float32)
     if y.numel() == 0:
         return y, gates, c
-    triton, fwd, _ = _kernels()
-    cfg = _config(D, gx.dtype, gx.device)
-    n_tiles = triton.cdiv(B * max(H, W), cfg["BLOCK_N"])
-    fwd[(ndir, n_tiles)](
+    _launch(
+        _kernels()[0],
+        ndir,
+        B * max(H, W),
+        D,
+        gx.dtype,
+        gx.device,
         gx,
         w_hh,
         y,
@@ -234,7 +260,6 @@ def rnn2d_triton_op(gx: Tensor, w_hh: Tensor, dirs: list[int], save: bool) -> tu
         SAVE=save,
         PRECISION=_precision(gx.dtype),
         UPCAST_DOT=_upcast_dot(gx),
-        **cfg,
     )
     return y, gates, c
 
@@ -258,10 +283,13 @@ def rnn2d_triton_backward_op(
     dgx = torch.empty_like(gates)
     if dgx.numel() == 0:
         return dgx, torch.zeros_like(w_hh)
-    triton, _, bwd = _kernels()
-    cfg = _config(D, gates.dtype, gates.device)
-    n_tiles = triton.cdiv(B * max(H, W), cfg["BLOCK_N"])
-    bwd[(ndir, n_tiles)](
+    _launch(
+        _kernels()[1],
+        ndir,
+        B * max(H, W),
+        D,
+        gates.dtype,
+        gates.device,
         dy.contiguous(),
         gates.contiguous(),
         c.contiguous(),
@@ -275,7 +303,6 @@ def rnn2d_triton_backward_op(
         dir_codes=_pack_dirs(dirs),
         PRECISION=_precision(gates.dtype),
         UPCAST_DOT=_upcast_dot(gates),
-        **cfg,
     )
     # dW_hh[k] = sum over positions of dz_t^T h_{t-1}: one GEMM per direction with K = B*H*W (tensor cores,
     # deterministic), h_{t-1} being y shifted by one step along the direction (zero at the sequence start).
@@ -347,8 +374,8 @@ def runs_here(key: tuple, probe: Callable[[], None], what: Callable[[], str], wa
 
 
 def _recurrence_runs_here(device: torch.device, dtype: torch.dtype, D: int, ndir: int) -> bool:
-    """Settles which launch settings (``_candidates``, best first) the kernels use here: the first whose trial
-    launch works. False, with one warning, if none does."""
+    """Whether the kernels launch here with some candidate setting (``_launch`` picks which); else False, with
+    one warning."""
 
     def probe() -> None:
         B, H, W = (16, 16, 16) if device.type == "cuda" else (1, 2, 2)  # 16: the specialisation of real shapes
@@ -365,15 +392,9 @@ def _recurrence_runs_here(device: torch.device, dtype: torch.dtype, D: int, ndir
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the Triton interpreter"
         return f"the Triton BiLSTM2D kernels ({name}, {dtype}, hidden size {D})"
 
-    chosen = (str(device), dtype, D)
-    candidates = _candidates(D, dtype, device)
-    for k, cfg in enumerate(candidates):
-        _CHOSEN[chosen] = cfg  # the probe's launches read it through _config
-        key = ("rnn2d", str(device), dtype, D, ndir, tuple(sorted(cfg.items())))
-        if runs_here(key, probe, what, warn=k == len(candidates) - 1):
-            return True
-    del _CHOSEN[chosen]
-    return False
+    # The tuned settings are part of the key: a sweep that changes them in one process tries each.
+    key = ("rnn2d", str(device), dtype, D, ndir, os.environ.get("SEQVISION_TRITON_TUNE", ""))
+    return runs_here(key, probe, what)
 
 
 # -- Entry point used by the dispatcher ------------------------------------------------------------------------
