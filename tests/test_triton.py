@@ -686,7 +686,7 @@ def test_chosen_settings_report(monkeypatch: pytest.MonkeyPatch) -> None:
     split96 = triton_lstm._candidates(96, torch.bfloat16, torch.device("cuda"))[1]
     one48 = triton_lstm._candidates(48, torch.bfloat16, torch.device("cuda"))[0]
     chosen = {("cuda:0", torch.bfloat16, 96): split96, ("cuda:0", torch.bfloat16, 48): one48}
-    monkeypatch.setattr(triton_lstm, "_CHOSEN", chosen | {("cuda:1", torch.float16, 48): one48})
+    monkeypatch.setattr(triton_lstm, "_LAUNCHED", chosen | {("cuda:1", torch.float16, 48): one48})
     assert triton_lstm.chosen_settings("cuda:0") == {
         "torch.bfloat16, D=48": "hidden state in one piece of 64, 16 sequences x 8 warps, prefetch",
         "torch.bfloat16, D=96": "hidden state split 64 + 32, 16 sequences x 8 warps, prefetch",

@@ -119,8 +119,10 @@ def _candidates(D: int, dtype: torch.dtype, device: torch.device) -> list[dict]:
     return out
 
 
-# (device, dtype, D) -> the candidate taken where the first one could not launch (see ``_launch``).
+# (device, dtype, D) -> the candidate taken where the first one could not launch (see ``_launch``), and the
+# settings the kernels last launched with (for reports).
 _CHOSEN: dict[tuple, dict] = {}
+_LAUNCHED: dict[tuple, dict] = {}
 
 
 def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -149,16 +151,17 @@ def _launch(kernel, ndir: int, sequences: int, D: int, dtype: torch.dtype, devic
             continue
         if cfg is not first:
             _CHOSEN[(str(device), dtype, D)] = cfg
+        _LAUNCHED[(str(device), dtype, D)] = cfg
         return
     raise error
 
 
 def chosen_settings(device: torch.device | str) -> dict[str, str]:
-    """What the first uses on ``device`` settled on, for reports: ``{"torch.bfloat16, D=96": "hidden state split
-    64 + 32, 16 sequences x 8 warps, prefetch"}`` (empty before any use)."""
+    """The settings the kernels last launched with on ``device``, for reports: ``{"torch.bfloat16, D=96": "hidden
+    state split 64 + 32, 16 sequences x 8 warps, prefetch"}`` (empty before any launch)."""
     want = torch.device(device)
     out = {}
-    for (dev, dtype, D), cfg in sorted(_CHOSEN.items(), key=lambda kv: (str(kv[0][1]), kv[0][2])):
+    for (dev, dtype, D), cfg in sorted(_LAUNCHED.items(), key=lambda kv: (str(kv[0][1]), kv[0][2])):
         dev = torch.device(dev)
         if dev.type != want.type or want.index not in (None, dev.index):  # "cuda" matches "cuda:0"
             continue
@@ -347,12 +350,12 @@ rnn2d_triton_op.register_autograd(_backward, setup_context=_setup_context)
 _RUNS_HERE: dict[tuple, bool] = {}
 
 
-def runs_here(key: tuple, probe: Callable[[], None], what: Callable[[], str], warn: bool = True) -> bool:
+def runs_here(key: tuple, probe: Callable[[], None], what: Callable[[], str]) -> bool:
     """Whether ``probe`` (launching some kernels on a small input) works; tried once per ``key`` and remembered.
 
     Triton compiles for the GPU it finds: on one without bf16 tensor cores (before sm_80), or with less shared
     memory per block than a kernel needs (consumer GPUs have ~100 KiB, an H100 227), the first launch raises.
-    Then (if ``warn``) one warning names ``what()`` and the reason, and the caller uses another path for ``key``.
+    Then one warning names ``what()`` and the reason, and the caller keeps using the torch path for ``key``.
     While torch.compile traces or a CUDA graph is captured nothing can be launched: it answers True there, and
     an eager call made before (a warm-up) has settled the question.
     """
@@ -364,9 +367,8 @@ def runs_here(key: tuple, probe: Callable[[], None], what: Callable[[], str], wa
         with torch.no_grad():
             probe()
     except Exception as e:  # compilation error, out of resources, unsupported dtype on this GPU ...
-        if warn:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            warnings.warn(f"seqvision: {what()} cannot run here ({reason}); using the torch path instead", stacklevel=3)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        warnings.warn(f"seqvision: {what()} cannot run here ({reason}); using the torch path instead", stacklevel=3)
         _RUNS_HERE[key] = False
     else:
         _RUNS_HERE[key] = True
