@@ -448,6 +448,18 @@ def next_candidate_when_the_first_cannot_run(device: str) -> None:
         triton_lstm._CHOSEN.clear()
         rnn2d_triton_backward_op(torch.ones_like(y), gates, c, y, w, [0, 1, 2, 3])
         assert triton_lstm._config(20, torch.float32, torch.device(device))["BLOCK_B"] == 16
+
+        # A GPU where no candidate fits (as in a graph traced before any eager call): one clear error.
+        from seqvision.errors import EngineUnavailableError
+
+        triton_lstm._candidates = lambda D, dtype, dev: original_candidates(D, dtype, dev)[:1]
+        triton_lstm._CHOSEN.clear()
+        try:
+            rnn2d_triton_op(gx, w, [0, 1, 2, 3], False)
+        except EngineUnavailableError as e:
+            assert "do not fit this GPU at hidden size 20" in str(e) and "set_engine('reference')" in str(e), e
+        else:
+            raise AssertionError("no error where no kernel setting fits")
     finally:
         triton_lstm._kernels, triton_lstm._candidates = original_kernels, original_candidates
         for table, before in zip((triton_lstm._RUNS_HERE, triton_lstm._CHOSEN), saved, strict=True):

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import EngineUnavailableError
 from .packing import packed_weights
 
 # Direction codes: bit 1 = axis (0 vertical: down the columns, 1 horizontal: along the rows), bit 0 = reversed.
@@ -153,7 +154,11 @@ def _launch(kernel, ndir: int, sequences: int, D: int, dtype: torch.dtype, devic
             _CHOSEN[(str(device), dtype, D)] = cfg
         _LAUNCHED[(str(device), dtype, D)] = cfg
         return
-    raise error
+    # Eager use never gets here (the first-use trial falls back to cuDNN); a graph traced before any eager call can.
+    raise EngineUnavailableError(
+        f"the Triton BiLSTM2D kernels do not fit this GPU at hidden size {D} ({error}); run the model once "
+        "outside torch.compile first (it then uses cuDNN for these layers), or use set_engine('reference')"
+    ) from error
 
 
 def chosen_settings(device: torch.device | str) -> dict[str, str]:
