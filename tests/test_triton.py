@@ -8,6 +8,7 @@ own pytest test. On a CUDA machine the same checks also run on the GPU (``test_c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -15,7 +16,7 @@ import os
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -36,6 +37,23 @@ def _lstms(
     torch.manual_seed(0)
     make = lambda: nn.LSTM(C, D, batch_first=True, bidirectional=bidirectional, bias=bias)
     return (make() if v else None), (make() if h else None)
+
+
+@contextlib.contextmanager
+def _first_use_forgotten() -> Iterator[None]:
+    """Inside, every first-use decision (does a kernel run here, which setting) is made afresh; restored after."""
+    from seqvision.ops import triton_lstm
+
+    tables = (triton_lstm._RUNS_HERE, triton_lstm._CHOSEN)
+    saved = [dict(t) for t in tables]
+    for t in tables:
+        t.clear()
+    try:
+        yield
+    finally:
+        for t, before in zip(tables, saved, strict=True):
+            t.clear()
+            t.update(before)
 
 
 def _params(*rnns: nn.Module | None) -> list[torch.Tensor]:
@@ -368,31 +386,28 @@ def kernel_failure_falls_back_with_one_warning(device: str) -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("out of resource: shared memory, Required: 151552, Hardware limit: 101376")
 
-    saved = dict(triton_lstm._RUNS_HERE)
     originals = triton_lstm.rnn2d_triton_op, layer_norm.layer_norm_triton_op
-    triton_lstm._RUNS_HERE.clear()
     triton_lstm.rnn2d_triton_op = layer_norm.layer_norm_triton_op = broken
     try:
-        rv, rh = (r.to(device) for r in _lstms(6, 5))
-        x = torch.randn(2, 3, 4, 6, device=device)
-        ours, ref = _layer_norm_pair(6, device)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert triton_lstm.rnn2d_triton(x, rv, rh, "cat") is None
-            assert triton_lstm.rnn2d_triton(x, rv, rh, "cat") is None  # remembered: not tried again
-            with ops.use_engine("triton"):
-                y = ops.rnn2d(x, rv, rh, "cat")
-            torch.testing.assert_close(ours(x), ref(x), atol=0, rtol=0)
-            ours(x)
-        messages = [str(w.message) for w in caught]
-        assert len(messages) == 2, messages
-        assert "BiLSTM2D" in messages[0] and "shared memory" in messages[0], messages
-        assert "LayerNorm" in messages[1], messages
-        torch.testing.assert_close(y, rnn2d_reference(x, rv, rh, "cat"), atol=0, rtol=0)
+        with _first_use_forgotten():
+            rv, rh = (r.to(device) for r in _lstms(6, 5))
+            x = torch.randn(2, 3, 4, 6, device=device)
+            ours, ref = _layer_norm_pair(6, device)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert triton_lstm.rnn2d_triton(x, rv, rh, "cat") is None
+                assert triton_lstm.rnn2d_triton(x, rv, rh, "cat") is None  # remembered: not tried again
+                with ops.use_engine("triton"):
+                    y = ops.rnn2d(x, rv, rh, "cat")
+                torch.testing.assert_close(ours(x), ref(x), atol=0, rtol=0)
+                ours(x)
+            messages = [str(w.message) for w in caught]
+            assert len(messages) == 2, messages
+            assert "BiLSTM2D" in messages[0] and "shared memory" in messages[0], messages
+            assert "LayerNorm" in messages[1], messages
+            torch.testing.assert_close(y, rnn2d_reference(x, rv, rh, "cat"), atol=0, rtol=0)
     finally:
         triton_lstm.rnn2d_triton_op, layer_norm.layer_norm_triton_op = originals
-        triton_lstm._RUNS_HERE.clear()
-        triton_lstm._RUNS_HERE.update(saved)
 
 
 @check
@@ -427,44 +442,39 @@ def next_candidate_when_the_first_cannot_run(device: str) -> None:
 
     launched: list[int] = []
     original_kernels, original_candidates = triton_lstm._kernels, triton_lstm._candidates
-    saved = dict(triton_lstm._RUNS_HERE), dict(triton_lstm._CHOSEN)
-    triton_lstm._RUNS_HERE.clear()
-    triton_lstm._CHOSEN.clear()
     triton_lstm._kernels = lambda: tuple(SmallGpu(k) for k in original_kernels())
     triton_lstm._candidates = candidates
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            _compare((2, 3, 4, 6), D=20, device=device)
-        assert not [w for w in caught if "seqvision" in str(w.message)], [str(w.message) for w in caught]
-        chosen = triton_lstm._config(20, torch.float32, torch.device(device))
-        assert (chosen["BLOCK_A"], chosen["BLOCK_B"]) == (16, 16), chosen
-        assert launched and set(launched) == {16}
+        with _first_use_forgotten():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _compare((2, 3, 4, 6), D=20, device=device)
+            assert not [w for w in caught if "seqvision" in str(w.message)], [str(w.message) for w in caught]
+            chosen = triton_lstm._config(20, torch.float32, torch.device(device))
+            assert (chosen["BLOCK_A"], chosen["BLOCK_B"]) == (16, 16), chosen
+            assert launched and set(launched) == {16}
 
-        triton_lstm._CHOSEN.clear()  # nothing settled yet: the ops themselves fall back
-        gx = torch.randn(1, 3, 2, 4 * 4 * 20, device=device)
-        w = 0.2 * torch.randn(4, 4 * 20, 20, device=device)
-        y, gates, c = rnn2d_triton_op(gx, w, [0, 1, 2, 3], True)
-        triton_lstm._CHOSEN.clear()
-        rnn2d_triton_backward_op(torch.ones_like(y), gates, c, y, w, [0, 1, 2, 3])
-        assert triton_lstm._config(20, torch.float32, torch.device(device))["BLOCK_B"] == 16
+            triton_lstm._CHOSEN.clear()  # nothing settled yet: the ops themselves fall back
+            gx = torch.randn(1, 3, 2, 4 * 4 * 20, device=device)
+            w = 0.2 * torch.randn(4, 4 * 20, 20, device=device)
+            y, gates, c = rnn2d_triton_op(gx, w, [0, 1, 2, 3], True)
+            triton_lstm._CHOSEN.clear()
+            rnn2d_triton_backward_op(torch.ones_like(y), gates, c, y, w, [0, 1, 2, 3])
+            assert triton_lstm._config(20, torch.float32, torch.device(device))["BLOCK_B"] == 16
 
-        # A GPU where no candidate fits (as in a graph traced before any eager call): one clear error.
-        from seqvision.errors import EngineUnavailableError
+            # A GPU where no candidate fits (as in a graph traced before any eager call): one clear error.
+            from seqvision.errors import EngineUnavailableError
 
-        triton_lstm._candidates = lambda D, dtype, dev: original_candidates(D, dtype, dev)[:1]
-        triton_lstm._CHOSEN.clear()
-        try:
-            rnn2d_triton_op(gx, w, [0, 1, 2, 3], False)
-        except EngineUnavailableError as e:
-            assert "do not fit this GPU at hidden size 20" in str(e) and "set_engine('reference')" in str(e), e
-        else:
-            raise AssertionError("no error where no kernel setting fits")
+            triton_lstm._candidates = lambda D, dtype, dev: original_candidates(D, dtype, dev)[:1]
+            triton_lstm._CHOSEN.clear()
+            try:
+                rnn2d_triton_op(gx, w, [0, 1, 2, 3], False)
+            except EngineUnavailableError as e:
+                assert "do not fit this GPU at hidden size 20" in str(e) and "set_engine('reference')" in str(e), e
+            else:
+                raise AssertionError("no error where no kernel setting fits")
     finally:
         triton_lstm._kernels, triton_lstm._candidates = original_kernels, original_candidates
-        for table, before in zip((triton_lstm._RUNS_HERE, triton_lstm._CHOSEN), saved, strict=True):
-            table.clear()
-            table.update(before)
 
 
 def _layer_norm_pair(C: int, device: str) -> tuple[nn.Module, nn.Module]:

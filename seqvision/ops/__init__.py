@@ -10,7 +10,7 @@
 - ``traceable``: the reference computation as one custom op, for torch.export with symbolic H and W;
 - ``auto`` (default): Triton on CUDA where it covers the layer, the reference path everywhere else.
 
-``LayerNorm`` (nn.LayerNorm with a one-pass Triton forward on CUDA) follows the same engine choice.
+``LayerNorm`` (nn.LayerNorm with one-pass Triton forward and backward on CUDA) follows the same engine choice.
 Any engine returns to the reference path for configurations it does not cover (GRU, tanh-RNN, ...).
 ``set_engine`` / ``use_engine`` choose; so does the environment variable ``SEQVISION_ENGINE``.
 """

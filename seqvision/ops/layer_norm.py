@@ -64,7 +64,7 @@ def layer_norm_triton_op(
     rstd = torch.empty_like(mean)
     if M:
         cfg = _blocks(C, x.device)
-        grid = ((M + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"],)
+        grid = (triton_lstm.cdiv(M, cfg["BLOCK_M"]),)
         _kernels()[0][grid](x2, weight.contiguous(), bias.contiguous(), y, mean, rstd, M, C, eps, **cfg)
     return y, mean, rstd
 
@@ -89,10 +89,9 @@ def layer_norm_triton_backward_op(
     if M == 0:
         return dx.view(x.shape), torch.zeros_like(weight), torch.zeros_like(weight)
     cfg = _blocks(C, x.device, elements=2048)
-    blocks = (M + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"]
-    per_program = (blocks + _programs_in_flight(x.device) - 1) // _programs_in_flight(x.device)
-    rows_per_program = per_program * cfg["BLOCK_M"]
-    programs = (M + rows_per_program - 1) // rows_per_program
+    blocks = triton_lstm.cdiv(M, cfg["BLOCK_M"])
+    rows_per_program = triton_lstm.cdiv(blocks, _programs_in_flight(x.device)) * cfg["BLOCK_M"]
+    programs = triton_lstm.cdiv(M, rows_per_program)
     dw = x.new_empty(programs, C, dtype=torch.float32)
     db = torch.empty_like(dw)
     _kernels()[1][(programs,)](x2, dy2, weight.contiguous(), mean, rstd, dx, dw, db, M, C, rows_per_program, **cfg)
@@ -135,7 +134,7 @@ def _runs_here(x: Tensor, param_dtype: torch.dtype, out_dtype: torch.dtype) -> b
     def what() -> str:
         return f"the Triton LayerNorm kernels ({x.dtype} -> {out_dtype}, {C} channels)"
 
-    block_c = _blocks(C, device)["BLOCK_C"]
+    block_c = triton_lstm.block_size(C)
     return triton_lstm.runs_here(("layer_norm", str(device), x.dtype, param_dtype, out_dtype, block_c), probe, what)
 
 

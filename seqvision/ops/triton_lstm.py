@@ -84,6 +84,11 @@ def block_size(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+def cdiv(a: int, b: int) -> int:
+    """``a / b`` rounded up: how many blocks of ``b`` cover ``a`` (grid sizes)."""
+    return -(-a // b)
+
+
 def pieces(D: int, split: bool) -> tuple[int, int]:
     """``(BLOCK_A, BLOCK_B)``: the widths the kernels hold the hidden state in. One piece is D padded to a power
     of two (BLOCK_B = 0); split, it is the largest power of two below that and the padded rest, so that W_hh is
@@ -127,12 +132,11 @@ _LAUNCHED: dict[tuple, dict] = {}
 
 
 def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The launch settings to try first: ``SEQVISION_TRITON_TUNE``'s, else the candidate a fallback settled on
-    for this device, else the first candidate."""
+    """The launch settings to try first: the candidate a fallback settled on for this device, else the first
+    candidate (with ``SEQVISION_TRITON_TUNE`` set its setting is the only candidate, so it comes first)."""
     candidates = _candidates(D, dtype, device)
-    if block_size(D) in _tuned():
-        return candidates[0]
-    return _CHOSEN.get((str(device), dtype, D)) or candidates[0]
+    chosen = _CHOSEN.get((str(device), dtype, D))
+    return chosen if chosen in candidates else candidates[0]
 
 
 def _launch(kernel, ndir: int, sequences: int, D: int, dtype: torch.dtype, device: torch.device, *args, **kw):
@@ -146,7 +150,7 @@ def _launch(kernel, ndir: int, sequences: int, D: int, dtype: torch.dtype, devic
     error = None
     for cfg in [first] + [c for c in _candidates(D, dtype, device) if c != first]:
         try:
-            kernel[(ndir, -(-sequences // cfg["BLOCK_N"]))](*args, **kw, **cfg)
+            kernel[(ndir, cdiv(sequences, cfg["BLOCK_N"]))](*args, **kw, **cfg)
         except OutOfResources as e:
             error = e
             continue
@@ -431,12 +435,11 @@ def rnn2d_triton(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, 
     if x.is_cuda and not _fits_gpu(first.hidden_size, dtype):
         return None
 
-    ndir = sum(2 if r.bidirectional else 1 for _, r in rnns)
-    if not _recurrence_runs_here(x.device, dtype, first.hidden_size, ndir):
-        return None
-
     # Direction slices in the output order [vertical fwd | vertical bwd | horizontal fwd | horizontal bwd].
     dirs = [2 * axis + rev for axis, r in rnns for rev in range(2 if r.bidirectional else 1)]
+    if not _recurrence_runs_here(x.device, dtype, first.hidden_size, len(dirs)):
+        return None
+
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     # In the parameters' dtype: autocast casts W_ih and the bias in F.linear, the op casts W_hh.
     param_dtype = first.weight_ih_l0.dtype
