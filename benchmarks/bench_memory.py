@@ -1,12 +1,21 @@
-"""Peak memory of one training step (CPU): seqvision's engines against timm, each in a fresh process.
+"""Training step (CPU) with every row in a fresh process: peak memory, time, page faults; seqvision vs timm.
 
-The RSS column of `seqvision bench` is measured in one process, row after row, so what one row frees and the
-allocator keeps is invisible to the next. Here every row runs alone: build the model, run one training step
-(forward + backward + AdamW) to allocate the optimiser state, reset the kernel's high-water mark
-(/proc/self/clear_refs), run a second step, and read VmHWM: the peak resident memory of a steady-state step.
+`seqvision bench` runs its rows in one process, interleaved, which is right for comparing speed under the same
+machine load but hides what the memory allocator does: one row's freed blocks are reused by the next, and its
+RSS column cannot see what another row left behind. Here every row runs alone, as a user's training run would:
+build the model, run warm-up steps (they allocate the optimiser state), reset the kernel's high-water mark
+(/proc/self/clear_refs), then time `--steps` training steps (forward + backward + AdamW) and read VmHWM (the
+peak resident memory of a steady-state step), the minor page faults and the kernel (system) CPU time per step.
+`--rounds` repeats the set of processes, one row after another, so slow spells of a shared machine hit every
+row; times are the fastest and the median step over all rounds.
+
+Page faults matter on the CPU: glibc's malloc hands large blocks (activations, their gradients) back to the
+kernel when they are freed and takes fresh, zero-filled pages for the next step. `--tuned-malloc` runs the
+processes with glibc's `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647` (freed memory stays in the process
+and is reused), to show how much of a row's time is that.
 
     python benchmarks/bench_memory.py                          # sequencer2d_s, batch 8, 224 px
-    python benchmarks/bench_memory.py --model sequencer2d_m --batch 16
+    python benchmarks/bench_memory.py --model sequencer2d_m --batch 16 --rounds 3 --tuned-malloc
 
 Linux only (it reads /proc).
 """
@@ -14,10 +23,13 @@ Linux only (it reads /proc).
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import subprocess
 import sys
 
 ROWS = ("seqvision fused", "seqvision reference", "timm")
+TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 
 
 def _status_mib(field: str) -> float:
@@ -26,8 +38,12 @@ def _status_mib(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def measure(row: str, model_name: str, batch: int, img_size: int) -> tuple[float, float]:
-    """(peak RSS during a training step, RSS before it) in MiB, for one row, in this process."""
+def measure(row: str, model_name: str, batch: int, img_size: int, steps: int, warmup: int = 2) -> dict[str, float]:
+    """One row, in this process: peak RSS during the timed steps and RSS before them (MiB), each timed step's
+    seconds, and minor page faults and system CPU seconds per step."""
+    import resource
+    import time
+
     import torch
     from torch import nn
 
@@ -49,38 +65,93 @@ def measure(row: str, model_name: str, batch: int, img_size: int) -> tuple[float
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
+    for _ in range(max(1, warmup)):
+        step()
     before = _status_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    step()
-    return _status_mib("VmHWM"), before
+    times = []
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "peak": _status_mib("VmHWM"),
+        "before": before,
+        "times": times,
+        "faults": (after.ru_minflt - usage.ru_minflt) / steps,
+        "sys": (after.ru_stime - usage.ru_stime) / steps,
+    }
+
+
+def _row_in_fresh_process(row: str, args: argparse.Namespace) -> dict[str, float]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model, "--batch", str(args.batch)]
+    cmd += ["--img-size", str(args.img_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    env = {**os.environ, **(TUNED_MALLOC if args.tuned_malloc else {})}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    values = out.stdout.split()[-(4 + args.steps) :]  # peak before faults sys step-times...
+    peak, before, faults, sys_s, *times = (float(v) for v in values)
+    return {"peak": peak, "before": before, "faults": faults, "sys": sys_s, "times": times}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
-        epilog="example: python benchmarks/bench_memory.py --model sequencer2d_s --batch 8",
+        epilog="example: python benchmarks/bench_memory.py --model sequencer2d_s --batch 8 --rounds 2 --tuned-malloc",
     )
     p.add_argument("--model", default="sequencer2d_s")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=2, help="timed training steps per process (default: 2)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--rounds", type=int, default=1, help="fresh processes per row, rows taking turns (default: 1)")
+    p.add_argument("--tuned-malloc", action="store_true", help=f"run the rows with {' '.join(TUNED_MALLOC)} set")
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: measure one row and print it
     args = p.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        p.error("--steps and --rounds must be at least 1")
     if args.row:
-        peak, before = measure(args.row, args.model, args.batch, args.img_size)
-        print(f"{peak:.0f} {before:.0f}")
+        r = measure(args.row, args.model, args.batch, args.img_size, args.steps, args.warmup)
+        print(f"{r['peak']:.1f} {r['before']:.1f} {r['faults']:.0f} {r['sys']:.4f} " + " ".join(map(str, r["times"])))
         return 0
-    print(f"{args.model}, {args.img_size} px, batch {args.batch}, training step (fwd + bwd + AdamW), fp32, CPU\n")
-    print("| implementation | peak RSS during a step (MiB) | RSS before the step (MiB) | peak / timm |")
-    print("|---|---|---|---|")
-    results = {}
-    for row in ROWS:
-        cmd = [sys.executable, __file__, "--row", row, "--model", args.model, "--batch", str(args.batch)]
-        out = subprocess.run([*cmd, "--img-size", str(args.img_size)], capture_output=True, text=True, check=True)
-        results[row] = tuple(float(v) for v in out.stdout.split()[-2:])
-    for row, (peak, before) in results.items():
-        print(f"| {row} | {peak:.0f} | {before:.0f} | {peak / results['timm'][0]:.2f}x |")
+    import torch
+
+    malloc = "glibc malloc tuned (" + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items()) + ")"
+    print(
+        f"{args.model}, {args.img_size} px, batch {args.batch}, training step (fwd + bwd + AdamW), fp32, CPU, "
+        f"{torch.get_num_threads()} threads, each row in a fresh process ({args.rounds} x {args.steps} timed steps), "
+        f"{malloc if args.tuned_malloc else 'default glibc malloc'}\n"
+    )
+    results: dict[str, list[dict[str, float]]] = {row: [] for row in ROWS}
+    for _ in range(args.rounds):
+        for row in ROWS:
+            results[row].append(_row_in_fresh_process(row, args))
+    print(
+        "| implementation | fastest step (ms) | median step (ms) | speed vs timm (fastest / median) | "
+        "peak RSS during a step (MiB) | RSS before (MiB) | peak / timm | minor page faults per step | "
+        "system CPU s per step |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    summary = {}
+    for row, runs in results.items():
+        times = [t for r in runs for t in r["times"]]
+        summary[row] = {
+            "fast": min(times),
+            "median": statistics.median(times),
+            "peak": max(r["peak"] for r in runs),
+            "before": max(r["before"] for r in runs),
+            "faults": statistics.median(r["faults"] for r in runs),
+            "sys": statistics.median(r["sys"] for r in runs),
+        }
+    timm = summary["timm"]
+    for row, s in summary.items():
+        print(
+            f"| {row} | {1e3 * s['fast']:.0f} | {1e3 * s['median']:.0f} | "
+            f"{timm['fast'] / s['fast']:.2f}x / {timm['median'] / s['median']:.2f}x | {s['peak']:.0f} | "
+            f"{s['before']:.0f} | {s['peak'] / timm['peak']:.2f}x | {s['faults']:.0f} | {s['sys']:.2f} |"
+        )
     return 0
 
 

@@ -147,17 +147,23 @@ def test_cpu_has_bf16_matches_the_cpu_flags():
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-def test_memory_benchmark_script_runs_each_row_alone():
+def test_fresh_process_benchmark_runs_each_row_alone():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
-    r = subprocess.run([sys.executable, str(script), "--img-size", "32", "--batch", "2"], capture_output=True,
-                       text=True, timeout=300)
+    args = ["--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "1", "--rounds", "2", "--tuned-malloc"]
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "fresh process (2 x 1 timed steps), glibc malloc tuned (MALLOC_MMAP_MAX_=0" in r.stdout
     rows = {row[0]: row for row in _table_rows(r.stdout)[1:]}
     assert set(rows) == {"seqvision fused", "seqvision reference", "timm"}
-    for row in rows.values():
-        peak, before = float(row[1]), float(row[2])
-        assert peak >= before > 100  # torch alone is more than 100 MiB resident
-    assert rows["timm"][3] == "1.00x"
+    for _name, fast, median, _speed, peak, before, _ratio, faults, sys_s in rows.values():
+        assert 0 < float(fast) <= float(median)
+        assert float(peak) >= float(before) > 100  # torch alone is more than 100 MiB resident
+        assert float(faults) >= 0 and float(sys_s) >= 0
+    timm, fused = rows["timm"], rows["seqvision fused"]
+    assert timm[3] == "1.00x / 1.00x" and timm[6] == "1.00x"
+    fastest, median = (float(v.rstrip("x")) for v in fused[3].split(" / "))
+    assert fastest == pytest.approx(float(timm[1]) / float(fused[1]), abs=0.02)  # the table's ms are rounded
+    assert median == pytest.approx(float(timm[2]) / float(fused[2]), abs=0.02)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its ptxas)")
