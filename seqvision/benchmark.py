@@ -10,6 +10,8 @@ FLOPs per image are 2 x the multiply-adds counted with the LSTM products include
 bf16 is measured both under CPU autocast ("autocast") and with the model cast to bf16 ("bf16 weights").
 All rows are timed in interleaved rounds (one step of every row per round) and each row's fastest round is
 reported, so load from other processes disturbs every row alike: compare rows of one table, not absolute numbers.
+The rows share one process and its allocator's free memory, which a run of its own does not have:
+benchmarks/bench_memory.py times a training step with each implementation in a fresh process.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Sequencer2D and ConvNeXt-T: img/s, ms/img, peak memory, GFLOP/s and fraction of GEMM peak.\n\n"
             "int8 rows: torch's dynamic quantisation (LSTM and Linear weights int8, inference only).\n"
             "--device cuda runs the GPU benchmark instead (seqvision.benchmark_gpu: Triton engine, AMP, batch 256;\n"
-            "eager rows, then torch.compile rows unless --no-compile).\n\n"
+            "eager rows, then torch.compile rows unless --no-compile).\n"
+            "All rows share one process (and its memory allocator); for a training step as a run of its own sees\n"
+            "it, each implementation in a fresh process with its page faults: benchmarks/bench_memory.py.\n\n"
             "examples:\n"
             "  seqvision bench --model sequencer2d_s --batch 1,8 --dtype fp32,bf16 --iters 10\n"
             "  seqvision bench --batch 8 --dtype fp32 --train --no-compile\n"
