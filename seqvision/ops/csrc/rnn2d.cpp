@@ -192,8 +192,10 @@ constexpr int64_t kRowBlock = SEQVISION_ROW_BLOCK;
 constexpr int64_t kAhead = 2;
 template <bool WRITE = false>
 inline void prefetch(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(c + k, WRITE ? 1 : 0, 3);
+  const uintptr_t start = reinterpret_cast<uintptr_t>(p), end = start + uintptr_t(bytes);
+  for (uintptr_t line = start & ~uintptr_t(63); line < end; line += 64) {  // every cache line the range touches
+    __builtin_prefetch(reinterpret_cast<const void*>(line), WRITE, 3);
+  }
 }
 
 // Threads used and the row range [lo, hi) of a direction owned by thread `tid`.
