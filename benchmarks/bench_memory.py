@@ -38,7 +38,9 @@ def _status_mib(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def measure(row: str, model_name: str, batch: int, img_size: int, steps: int, warmup: int = 2) -> dict[str, float]:
+def measure(
+    row: str, model_name: str, batch: int, img_size: int, steps: int, warmup: int = 2
+) -> dict[str, float | list[float]]:
     """One row, in this process: peak RSS during the timed steps and RSS before them (MiB), each timed step's
     seconds, and minor page faults and system CPU seconds per step."""
     import resource
@@ -86,7 +88,7 @@ def measure(row: str, model_name: str, batch: int, img_size: int, steps: int, wa
     }
 
 
-def _row_in_fresh_process(row: str, args: argparse.Namespace) -> dict[str, float]:
+def _row_in_fresh_process(row: str, args: argparse.Namespace) -> dict[str, float | list[float]]:
     cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model, "--batch", str(args.batch)]
     cmd += ["--img-size", str(args.img_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     env = {**os.environ, **(TUNED_MALLOC if args.tuned_malloc else {})}
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads, each row in a fresh process ({args.rounds} x {args.steps} timed steps), "
         f"{malloc if args.tuned_malloc else 'default glibc malloc'}\n"
     )
-    results: dict[str, list[dict[str, float]]] = {row: [] for row in ROWS}
+    results: dict[str, list[dict]] = {row: [] for row in ROWS}
     for _ in range(args.rounds):
         for row in ROWS:
             results[row].append(_row_in_fresh_process(row, args))
