@@ -131,12 +131,17 @@ _CHOSEN: dict[tuple, dict] = {}
 _LAUNCHED: dict[tuple, dict] = {}
 
 
-def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The launch settings to try first: the candidate a fallback settled on for this device, else the first
-    candidate (with ``SEQVISION_TRITON_TUNE`` set its setting is the only candidate, so it comes first)."""
+def _ordered_candidates(D: int, dtype: torch.dtype, device: torch.device) -> list[dict]:
+    """``_candidates`` in the order to try them: the one a fallback settled on for this device first, then the
+    rest (with ``SEQVISION_TRITON_TUNE`` set its setting is the only candidate, so a remembered one is ignored)."""
     candidates = _candidates(D, dtype, device)
     chosen = _CHOSEN.get((str(device), dtype, D))
-    return chosen if chosen in candidates else candidates[0]
+    return [chosen] + [c for c in candidates if c != chosen] if chosen in candidates else candidates
+
+
+def _config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The launch settings to try first."""
+    return _ordered_candidates(D, dtype, device)[0]
 
 
 def _launch(kernel, ndir: int, sequences: int, D: int, dtype: torch.dtype, device: torch.device, *args, **kw):
@@ -146,17 +151,18 @@ def _launch(kernel, ndir: int, sequences: int, D: int, dtype: torch.dtype, devic
     torch.compile traced before any eager call (where nothing could be tried)."""
     from triton.runtime.errors import OutOfResources
 
-    first = _config(D, dtype, device)
+    key = (str(device), dtype, D)
+    ordered = _ordered_candidates(D, dtype, device)
     error = None
-    for cfg in [first] + [c for c in _candidates(D, dtype, device) if c != first]:
+    for cfg in ordered:
         try:
             kernel[(ndir, cdiv(sequences, cfg["BLOCK_N"]))](*args, **kw, **cfg)
         except OutOfResources as e:
             error = e
             continue
-        if cfg is not first:
-            _CHOSEN[(str(device), dtype, D)] = cfg
-        _LAUNCHED[(str(device), dtype, D)] = cfg
+        if cfg is not ordered[0]:
+            _CHOSEN[key] = cfg
+        _LAUNCHED[key] = cfg
         return
     # Eager use never gets here (the first-use trial falls back to cuDNN); a graph traced before any eager call can.
     raise EngineUnavailableError(
