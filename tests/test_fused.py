@@ -241,6 +241,22 @@ def test_build_failure_warns_once(monkeypatch):
     assert fused.load_error() is not None
 
 
+@pytest.mark.parametrize("built", [False, True])
+def test_first_build_is_announced(monkeypatch, tmp_path, capsys, built):
+    """A build (about a minute) says so on stderr first; loading the cached build says nothing."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(fused, "_ext", None)
+    monkeypatch.setattr(fused, "_load_error", None)
+    monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    if built:
+        (tmp_path / f"{fused._build_name()}.so").write_bytes(b"")
+    monkeypatch.setattr(cpp, "load", lambda **kwargs: "loaded")
+    assert fused._load() == "loaded"
+    err = capsys.readouterr().err
+    assert ("compiling the fused CPU BiLSTM2D engine" in err) is not built, err
+
+
 def test_inference_sees_in_place_weight_changes():
     """No state survives a call: weight changes show in the next inference, also through ``.data`` (which, unlike
     in-place ops under no_grad, does not bump the version counter a cache could watch)."""
@@ -257,14 +273,29 @@ def test_inference_sees_in_place_weight_changes():
 
 
 def test_dispatcher_chooses_by_engine(monkeypatch):
-    """auto runs the reference path on CPU (the fused kernel measured slower there), fused runs the C++ kernel,
-    triton on a CPU tensor without the interpreter is refused with a clear error, unknown names are refused."""
+    """auto runs oneDNN for CPU inference and the fused kernel where autograd records (training, input
+    gradients); fused always runs the C++ kernel; triton on a CPU tensor without the interpreter is refused with
+    a clear error; unknown names are refused."""
     rv, rh = make_rnns(4, 3)
     x = torch.randn(1, 3, 2, 4)
     called = []
     real = fused.rnn2d_fused
     monkeypatch.setattr(fused, "rnn2d_fused", lambda *a: called.append(1) or real(*a))
     monkeypatch.delenv("SEQVISION_TRITON_INTERPRET", raising=False)
+    with ops.use_engine("auto"):
+        y = ops.rnn2d(x, rv, rh, "cat")  # the LSTM weights require grad: a training call
+        assert called == [1] and y.requires_grad
+        torch.testing.assert_close(y, rnn2d_reference(x, rv, rh, "cat"), atol=1e-5, rtol=1e-5)
+        for r in (rv, rh):
+            r.requires_grad_(False)
+        xg = x.clone().requires_grad_()
+        ops.rnn2d(xg, rv, rh, "cat")  # gradients for the input only (saliency, adversarial examples)
+        assert called == [1, 1]
+        ops.rnn2d(x, rv, rh, "cat")  # nothing requires grad: inference
+        assert called == [1, 1]
+        for r in (rv, rh):
+            r.requires_grad_(True)
+    called.clear()
     with torch.no_grad():
         expected = rnn2d_reference(x, rv, rh, "cat")
         with ops.use_engine("auto"):

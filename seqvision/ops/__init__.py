@@ -4,11 +4,13 @@
 
 - ``reference``: torch's nn.LSTM/GRU/RNN (oneDNN on CPU, cuDNN on CUDA), one call per direction;
 - ``fused``: the C++ CPU kernel (``ops/fused.py``): one input-projection GEMM for all directions and the
-  recurrences in lock-step. Exact, but measured *slower* than oneDNN on the CPUs we have (benchmarks/
-  RESULTS.md), so it runs only when asked for;
+  recurrences in lock-step, forward and backward;
 - ``triton``: the persistent Triton kernel for CUDA (``ops/triton_lstm.py``);
 - ``traceable``: the reference computation as one custom op, for torch.export with symbolic H and W;
-- ``auto`` (default): Triton on CUDA where it covers the layer, the reference path everywhere else.
+- ``auto`` (default): Triton on CUDA where it covers the layer; on the CPU the fused kernel when the call
+  records a graph for backward (training: level with oneDNN's step or faster, at 0.58-0.74x timm's peak
+  memory; benchmarks/RESULTS.md) and oneDNN's nn.LSTM for inference (where the fused kernel is not faster on the
+  CPUs measured, and oneDNN needs no build); the reference path everywhere else.
 
 ``LayerNorm`` (nn.LayerNorm with one-pass Triton forward and backward on CUDA) follows the same engine choice.
 Any engine returns to the reference path for configurations it does not cover (GRU, tanh-RNN, ...).
@@ -94,12 +96,22 @@ def _triton_impl(x: Tensor):
     return triton_lstm.rnn2d_triton if triton_lstm.available(x) else None
 
 
+def _records_grad(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None) -> bool:
+    """Whether autograd records this call (training, or gradients with respect to the input)."""
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(p.requires_grad for r in (rnn_v, rnn_h) if r is not None for p in r.parameters())
+
+
 def rnn2d(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: str) -> Tensor:
     """Token mixing of BiLSTM2D (without channel fusion) with the selected engine."""
     if _engine == "traceable" or (torch.compiler.is_compiling() and _engine == "reference"):
         return rnn2d_traceable(x, rnn_v, rnn_h, union)
     if _engine in ("auto", "triton", "fused"):
-        impl = _fused_impl() if _engine == "fused" else _triton_impl(x)
+        if _engine == "fused" or (_engine == "auto" and x.device.type == "cpu" and _records_grad(x, rnn_v, rnn_h)):
+            impl = _fused_impl()
+        else:
+            impl = _triton_impl(x)
         if impl is not None:
             out = impl(x, rnn_v, rnn_h, union)
             if out is not None:  # None: this engine does not cover the configuration

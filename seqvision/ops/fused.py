@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -60,9 +61,17 @@ def _load() -> ModuleType | None:
     if _ext is not None or _load_error is not None:
         return _ext
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        _ext = load(name=_build_name(), sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS, verbose=False)
+        name = _build_name()
+        if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
+            print(
+                "seqvision: compiling the fused CPU BiLSTM2D engine (first use with this CPU and torch; about a "
+                "minute on 2 cores, then cached)",
+                file=sys.stderr,
+                flush=True,
+            )
+        _ext = load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS, verbose=False)
     except Exception as e:  # no compiler, no ninja, build error: fall back to the reference path
         _load_error = f"{type(e).__name__}: {e}"
         warnings.warn(
