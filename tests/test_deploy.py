@@ -75,7 +75,8 @@ def test_predict_command_skips_unreadable_and_handles_grey_and_rgba(checkpoint, 
 
     loaded = load_model(path)
     x = create_transform(**loaded.data_config)(Image.open(tmp_path / "grey.png").convert("RGB"))[None]
-    probs = model(x).softmax(-1)[0]
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
     top = results[0]["predictions"]
     assert len(top) == 3 and top[0]["index"] == int(probs.argmax())
     assert top[0]["class"] == f"digit-{int(probs.argmax())}"

@@ -55,22 +55,33 @@ def _build_name() -> str:
     return "seqvision_fused_" + hashlib.sha1(key).hexdigest()[:10]
 
 
+def _is_cached(name: str) -> bool:
+    """Whether torch's extension cache already holds a build of ``name`` (True when that cannot be told: the
+    notice below is only a courtesy)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, False)) / f"{name}.so").exists()
+    except Exception:
+        return True
+
+
 def _load() -> ModuleType | None:
     """Compile (first use only, then cached in torch's extensions dir) and import the C++ kernels."""
     global _ext, _load_error
     if _ext is not None or _load_error is not None:
         return _ext
+    name = _build_name()
+    if not _is_cached(name):
+        print(
+            "seqvision: compiling the fused CPU BiLSTM2D engine (first use with this CPU and torch; about a "
+            "minute on 2 cores, then cached)",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load
+        from torch.utils.cpp_extension import load
 
-        name = _build_name()
-        if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
-            print(
-                "seqvision: compiling the fused CPU BiLSTM2D engine (first use with this CPU and torch; about a "
-                "minute on 2 cores, then cached)",
-                file=sys.stderr,
-                flush=True,
-            )
         _ext = load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS, verbose=False)
     except Exception as e:  # no compiler, no ninja, build error: fall back to the reference path
         _load_error = f"{type(e).__name__}: {e}"
