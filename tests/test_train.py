@@ -213,6 +213,7 @@ def test_checkpoint_is_safe_to_load_and_complete(digits_run):
         assert key in state, key
     assert state["epoch"] == 3 and state["step"] == 0 and state["class_names"] == [str(i) for i in range(10)]
     assert isinstance(state["rng"]["torch"], torch.Tensor) and isinstance(state["rng"]["python"][1], list)
+    assert all(g["fused"] is True for g in state["optimizer"]["param_groups"])  # torch's one-kernel AdamW
     model = create_model("sequencer2d_s", num_classes=10, **state["model_kwargs"])
     load_weights(model, out / "best.pth")
     loaded = load_model(out / "best.pth")  # what predict / validate do: rebuilt from the file alone
