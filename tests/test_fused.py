@@ -45,12 +45,16 @@ def params(rv, rh):
 SHAPES = [(2, 5, 7, 6, 4), (1, 4, 4, 8, 5), (3, 6, 3, 5, 3), (1, 1, 9, 4, 3)]
 
 
+CELLS = [nn.LSTM, nn.GRU, nn.RNN]
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("union", ["cat", "add", "vertical", "horizontal"])
 @pytest.mark.parametrize("bidirectional", [True, False])
-def test_forward_matches_reference(shape, union, bidirectional):
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_matches_reference(shape, union, bidirectional, cell):
     B, H, W, C, D = shape
-    rv, rh = make_rnns(C, D, union, bidirectional)
+    rv, rh = make_rnns(C, D, union, bidirectional, cell=cell)
     x = torch.randn(B, H, W, C)
     with torch.no_grad():
         ref = rnn2d_reference(x, rv, rh, union)
@@ -60,25 +64,28 @@ def test_forward_matches_reference(shape, union, bidirectional):
 
 
 @pytest.mark.parametrize("n_v,n_h", [(2, 2), (1, 1), (2, 0), (0, 1)])
-def test_gradcheck_float64(n_v, n_h):
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_gradcheck_float64(n_v, n_h, cell):
     torch.manual_seed(0)
     B, H, W, C, D = 2, 3, 4, 3, 2
-    nd = n_v + n_h
+    nd, G = n_v + n_h, {"lstm": 4, "gru": 3, "rnn_tanh": 1}[cell]
     kw = dict(dtype=torch.float64, requires_grad=True)
     x = torch.randn(B, H, W, C, **kw)
-    w_ih = (torch.randn(nd * 4 * D, C) * 0.5).to(torch.float64).requires_grad_()
-    bias = torch.randn(nd * 4 * D, **kw)
-    w_hh = (torch.randn(nd, 4 * D, D) * 0.5).to(torch.float64).requires_grad_()
+    w_ih = (torch.randn(nd * G * D, C) * 0.5).to(torch.float64).requires_grad_()
+    bias = torch.randn(nd * G * D, **kw)
+    bias_hn = torch.randn(nd * D if cell == "gru" else 0, **kw)
+    w_hh = (torch.randn(nd, G * D, D) * 0.5).to(torch.float64).requires_grad_()
 
-    def f(x, w_ih, bias, w_hh):
-        return fused.lstm2d(x, w_ih, bias, w_hh, n_v, n_h, True)[0]
+    def f(x, w_ih, bias, bias_hn, w_hh):
+        return fused.rnn2d_op(x, w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, True)[0]
 
-    assert torch.autograd.gradcheck(f, (x, w_ih, bias, w_hh))
+    assert torch.autograd.gradcheck(f, (x, w_ih, bias, bias_hn, w_hh))
 
 
 @pytest.mark.parametrize("union", ["cat", "add"])
-def test_gradcheck_through_module_weights(union):
-    rv, rh = make_rnns(3, 2, union, dtype=torch.float64)
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck_through_module_weights(union, cell):
+    rv, rh = make_rnns(3, 2, union, cell=cell, dtype=torch.float64)
     x = torch.randn(1, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     ps = params(rv, rh)
 
@@ -98,9 +105,10 @@ def _named(rv, rh, ws):
     "shape,union,bidirectional",
     [((2, 5, 7, 8, 6), "cat", True), ((1, 6, 4, 5, 4), "add", True), ((3, 4, 5, 6, 3), "cat", False)],
 )
-def test_grads_match_reference_fp32(shape, union, bidirectional):
+@pytest.mark.parametrize("cell", CELLS)
+def test_grads_match_reference_fp32(shape, union, bidirectional, cell):
     B, H, W, C, D = shape
-    rv, rh = make_rnns(C, D, union, bidirectional)
+    rv, rh = make_rnns(C, D, union, bidirectional, cell=cell)
     x = torch.randn(B, H, W, C, requires_grad=True)
     ps = params(rv, rh)
     grads = []
@@ -112,13 +120,14 @@ def test_grads_match_reference_fp32(shape, union, bidirectional):
         assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
-def test_bf16_error_no_worse_than_reference():
+@pytest.mark.parametrize("cell", CELLS)
+def test_bf16_error_no_worse_than_reference(cell):
     B, H, W, C, D = 2, 8, 8, 32, 16
-    rv, rh = make_rnns(C, D)
+    rv, rh = make_rnns(C, D, cell=cell)
     x = torch.randn(B, H, W, C)
     with torch.no_grad():
         exact = rnn2d_reference(x, rv, rh, "cat")
-        rv16, rh16 = [nn.LSTM(C, D, batch_first=True, bidirectional=True) for _ in range(2)]
+        rv16, rh16 = [cell(C, D, batch_first=True, bidirectional=True) for _ in range(2)]
         rv16.load_state_dict(rv.state_dict())
         rh16.load_state_dict(rh.state_dict())
         rv16, rh16 = rv16.bfloat16(), rh16.bfloat16()
@@ -138,8 +147,9 @@ def test_bf16_error_no_worse_than_reference():
     assert auto_err <= max(auto_ref_err, ref_err) * 1.05 + 1e-6, (auto_err, auto_ref_err, ref_err)
 
 
-def test_bf16_training_grads():
-    rv, rh = make_rnns(8, 4)
+@pytest.mark.parametrize("cell", CELLS)
+def test_bf16_training_grads(cell):
+    rv, rh = make_rnns(8, 4, cell=cell)
     x = torch.randn(2, 4, 5, 8, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = fused.rnn2d_fused(x, rv, rh, "cat")
@@ -177,19 +187,24 @@ def test_torch_compile_fullgraph_one_op():
         grad = torch.autograd.grad(out.sum(), x)[0]
     assert len(graphs) == 1
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
-    assert sum("seqvision.lstm2d" in t for t in targets) == 1, targets
+    assert sum("seqvision.rnn2d_fused" in t for t in targets) == 1, targets
     assert not any("lstm" in t and "seqvision" not in t for t in targets), targets
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(grad, eager_grad)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_opcheck(cell):
     torch.manual_seed(0)
+    G, D = {"lstm": 4, "gru": 3, "rnn_tanh": 1}[cell], 3
     x = torch.randn(2, 3, 4, 5)
-    w_ih, bias, w_hh = torch.randn(4 * 12, 5), torch.randn(4 * 12), torch.randn(4, 12, 3)
+    w_ih, bias, w_hh = torch.randn(4 * G * D, 5), torch.randn(4 * G * D), torch.randn(4, G * D, D)
+    bias_hn = torch.randn(4 * D if cell == "gru" else 0)
     for save in (False, True):
         torch.library.opcheck(
-            fused.lstm2d, (x, w_ih, bias, w_hh, 2, 2, save), test_utils=("test_schema", "test_faketensor")
+            fused.rnn2d_op,
+            (x, w_ih, bias, bias_hn, w_hh, cell, 2, 2, save),
+            test_utils=("test_schema", "test_faketensor"),
         )
 
 
@@ -209,8 +224,8 @@ def test_env_var_disables(monkeypatch):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: (nn.GRU(4, 3, batch_first=True, bidirectional=True),) * 2,
-        lambda: (nn.RNN(4, 3, batch_first=True, bidirectional=True),) * 2,
+        lambda: (nn.RNN(4, 3, batch_first=True, bidirectional=True, nonlinearity="relu"),) * 2,
+        lambda: (nn.GRU(4, 3, batch_first=True), nn.LSTM(4, 3, batch_first=True)),  # mixed cells
         lambda: (nn.LSTM(4, 3, batch_first=True, bidirectional=True, proj_size=2),) * 2,
         lambda: (nn.LSTM(4, 3, num_layers=2, batch_first=True, bidirectional=True),) * 2,
         lambda: (nn.LSTM(4, 3, batch_first=True), nn.LSTM(4, 3, batch_first=True, bidirectional=True)),
@@ -273,9 +288,9 @@ def test_inference_sees_in_place_weight_changes():
 
 
 def test_dispatcher_chooses_by_engine(monkeypatch):
-    """auto runs oneDNN for CPU inference and the fused kernel where autograd records (training, input
-    gradients); fused always runs the C++ kernel; triton on a CPU tensor without the interpreter is refused with
-    a clear error; unknown names are refused."""
+    """auto runs oneDNN for CPU LSTM inference and the fused kernel where autograd records (training, input
+    gradients) and for GRU inference; fused always runs the C++ kernel; triton on a CPU tensor without the
+    interpreter is refused with a clear error; unknown names are refused."""
     rv, rh = make_rnns(4, 3)
     x = torch.randn(1, 3, 2, 4)
     called = []
@@ -300,7 +315,11 @@ def test_dispatcher_chooses_by_engine(monkeypatch):
         expected = rnn2d_reference(x, rv, rh, "cat")
         with ops.use_engine("auto"):
             torch.testing.assert_close(ops.rnn2d(x, rv, rh, "cat"), expected)
-        assert called == []
+            assert called == []
+            gv, gh = make_rnns(4, 3, cell=nn.GRU)
+            torch.testing.assert_close(ops.rnn2d(x, gv, gh, "cat"), rnn2d_reference(x, gv, gh, "cat"))
+            assert called == [1]
+        called.clear()
         with ops.use_engine("fused"):
             torch.testing.assert_close(ops.rnn2d(x, rv, rh, "cat"), expected, atol=1e-5, rtol=1e-5)
         assert called == [1]

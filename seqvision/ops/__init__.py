@@ -7,13 +7,14 @@
   recurrences in lock-step, forward and backward;
 - ``triton``: the persistent Triton kernel for CUDA (``ops/triton_lstm.py``);
 - ``traceable``: the reference computation as one custom op, for torch.export with symbolic H and W;
-- ``auto`` (default): Triton on CUDA where it covers the layer; on the CPU the fused kernel when the call
-  records a graph for backward (training: level with oneDNN's step or faster, at 0.58-0.74x timm's peak
-  memory; benchmarks/RESULTS.md) and oneDNN's nn.LSTM for inference (where the fused kernel is not faster on the
-  CPUs measured, and oneDNN needs no build); the reference path everywhere else.
+- ``auto`` (default): Triton on CUDA where it covers the layer; on the CPU the fused kernel, except for LSTM
+  inference, where oneDNN's nn.LSTM is as fast on the CPUs measured and needs no build (benchmarks/
+  RESULTS.md: fused LSTM training level with oneDNN's or faster at 0.58-0.74x timm's peak memory; GRU and
+  tanh-RNN mixers 1.4-2x oneDNN in inference); the reference path everywhere else.
 
 ``LayerNorm`` (nn.LayerNorm with one-pass Triton forward and backward on CUDA) follows the same engine choice.
-Any engine returns to the reference path for configurations it does not cover (GRU, tanh-RNN, ...).
+Any engine returns to the reference path for configurations it does not cover (Triton: GRU and tanh-RNN
+cells; both: ReLU RNNs, stacked or projected RNNs).
 ``set_engine`` / ``use_engine`` choose; so does the environment variable ``SEQVISION_ENGINE``.
 """
 
@@ -96,11 +97,13 @@ def _triton_impl(x: Tensor):
     return triton_lstm.rnn2d_triton if triton_lstm.available(x) else None
 
 
-def _records_grad(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None) -> bool:
-    """Whether autograd records this call (training, or gradients with respect to the input)."""
-    if not torch.is_grad_enabled():
-        return False
-    return x.requires_grad or any(p.requires_grad for r in (rnn_v, rnn_h) if r is not None for p in r.parameters())
+def _cpu_auto_fused(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None) -> bool:
+    """auto on the CPU: the fused kernel where autograd records the call (training, input gradients) and for
+    GRU / tanh-RNN inference; oneDNN for LSTM inference."""
+    rnns = [r for r in (rnn_v, rnn_h) if r is not None]
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for r in rnns for p in r.parameters())):
+        return True
+    return not any(isinstance(r, nn.LSTM) for r in rnns)
 
 
 def rnn2d(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: str) -> Tensor:
@@ -108,7 +111,7 @@ def rnn2d(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: 
     if _engine == "traceable" or (torch.compiler.is_compiling() and _engine == "reference"):
         return rnn2d_traceable(x, rnn_v, rnn_h, union)
     if _engine in ("auto", "triton", "fused"):
-        if _engine == "fused" or (_engine == "auto" and x.device.type == "cpu" and _records_grad(x, rnn_v, rnn_h)):
+        if _engine == "fused" or (_engine == "auto" and x.device.type == "cpu" and _cpu_auto_fused(x, rnn_v, rnn_h)):
             impl = _fused_impl()
         else:
             impl = _triton_impl(x)

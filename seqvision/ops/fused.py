@@ -1,6 +1,7 @@
 """Fused CPU engine for BiLSTM2D token mixing (a compiled C++ kernel, built on first use).
 
-The engine computes exactly what ``rnn2d_reference`` computes for LSTM token mixers, faster:
+The engine computes exactly what ``rnn2d_reference`` computes for LSTM token mixers, and for the GRU and
+tanh-RNN variants (gru_sequencer2d_s, rnn_sequencer2d_s), faster:
 
 - one GEMM gives the input projections of all four directions for every token;
 - the four recurrences run in lock-step in C++, each thread owning a slice of the sequences for the whole
@@ -8,14 +9,15 @@ The engine computes exactly what ``rnn2d_reference`` computes for LSTM token mix
   fused gate loop, and each h is written straight into the final B x H x W x 4D output;
 - bfloat16 (also under CPU autocast) runs the input-projection GEMM in bf16; recurrent products, gates and
   cell state stay fp32;
-- training saves the gates and cell states; the backward runs the reverse-time recurrence in C++ and gets
-  dx and every weight gradient from a few large GEMMs.
+- training saves the gates (and the LSTM's cell states); the backward runs the reverse-time recurrence in
+  C++ and gets dx and every weight gradient from a few large GEMMs.
 
-It is exposed as the custom ops ``seqvision::lstm2d`` / ``seqvision::lstm2d_backward`` (fake kernels and
-autograd registered), so ``torch.compile(fullgraph=True)`` sees one opaque node per token mixer.
+It is exposed as the custom ops ``seqvision::rnn2d_fused`` / ``seqvision::rnn2d_fused_backward`` (fake kernels
+and autograd registered), so ``torch.compile(fullgraph=True)`` sees one opaque node per token mixer.
 
-``rnn2d_fused`` returns None for what it does not cover (GRU, tanh-RNN, stacked or projected LSTMs, other
-devices or dtypes); the caller then runs the reference path. ``SEQVISION_NO_FUSED=1`` switches it off.
+``rnn2d_fused`` returns None for what it does not cover (ReLU RNNs, stacked or projected RNNs, mixed cell
+types, other devices or dtypes); the caller then runs the reference path. ``SEQVISION_NO_FUSED=1`` switches
+it off.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from .packing import packed_weights
+from .packing import gru_biases, packed_weights
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "rnn2d.cpp"]
@@ -123,60 +125,81 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # -- Custom ops ----------------------------------------------------------------------------------------------
 # Directions: n_v vertical then n_h horizontal (each 0, 1 = forward or 2 = forward + backward); the output
 # columns follow that order: [vertical fwd | vertical bwd | horizontal fwd | horizontal bwd].
-# w_ih: ndir*4D x C, bias: ndir*4D (b_ih + b_hh, fp32 for bf16), w_hh: ndir x 4D x D.
+# cell: "lstm" (G = 4 gate blocks), "gru" (3) or "rnn_tanh" (1). w_ih: ndir*G*D x C; bias: ndir*G*D (b_ih + b_hh
+# in the acc dtype, except the GRU's n blocks: b_in alone); bias_hn: the GRU's b_hn (ndir*D), else empty;
+# w_hh: ndir x G*D x D.
+CELLS = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn_tanh"}
+_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1}
+_SAVED = {"lstm": 4, "gru": 5, "rnn_tanh": 1}  # acc values saved per token, direction and hidden unit
 
 
-@torch.library.custom_op("seqvision::lstm2d", mutates_args=())
-def lstm2d(
-    x: Tensor, w_ih: Tensor, bias: Tensor, w_hh: Tensor, n_v: int, n_h: int, save: bool
+@torch.library.custom_op("seqvision::rnn2d_fused", mutates_args=())
+def rnn2d_op(
+    x: Tensor, w_ih: Tensor, bias: Tensor, bias_hn: Tensor, w_hh: Tensor, cell: str, n_v: int, n_h: int, save: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused LSTM2D forward: (out B x H x W x ndir*D, gates, cells); gates / cells are empty unless ``save``."""
-    out, gates, cells = _require().lstm2d_forward(x, w_ih, bias, w_hh, n_v, n_h, save)
+    """Fused RNN2D forward: (out B x H x W x ndir*D, gates, cells); gates / cells are empty unless ``save``
+    (cells: LSTM only)."""
+    out, gates, cells = _require().rnn2d_forward(x, w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, save)
     return out, gates, cells
 
 
-@lstm2d.register_fake
-def _(x, w_ih, bias, w_hh, n_v, n_h, save):
+@rnn2d_op.register_fake
+def _(x, w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, save):
     B, H, W, _ = x.shape
     nd, D = n_v + n_h, w_hh.shape[2]
     acc = _acc_dtype(x.dtype)
-    gates = x.new_empty(B, H, W, nd, 4 * D, dtype=acc) if save else x.new_empty(0, dtype=acc)
-    cells = x.new_empty(B, H, W, nd, D, dtype=acc) if save else x.new_empty(0, dtype=acc)
+    gates = x.new_empty(B, H, W, nd, _SAVED[cell] * D, dtype=acc) if save else x.new_empty(0, dtype=acc)
+    cells = x.new_empty(B, H, W, nd, D, dtype=acc) if save and cell == "lstm" else x.new_empty(0, dtype=acc)
     return x.new_empty(B, H, W, nd * D), gates, cells
 
 
-@torch.library.custom_op("seqvision::lstm2d_backward", mutates_args=())
-def lstm2d_backward(
-    grad: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, out: Tensor, gates: Tensor, cells: Tensor, n_v: int, n_h: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dx, dw_ih, dbias, dw_hh) of ``lstm2d``'s output from the saved gates and cell states."""
-    dx, dw_ih, dbias, dw_hh = _require().lstm2d_backward(grad, x, w_ih, w_hh, out, gates, cells, n_v, n_h)
-    return dx, dw_ih, dbias, dw_hh
+@torch.library.custom_op("seqvision::rnn2d_fused_backward", mutates_args=())
+def rnn2d_op_backward(
+    grad: Tensor,
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    out: Tensor,
+    gates: Tensor,
+    cells: Tensor,
+    cell: str,
+    n_v: int,
+    n_h: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx, dw_ih, dbias, dbias_hn, dw_hh) of ``rnn2d_op``'s output from what its forward saved."""
+    grads = _require().rnn2d_backward(grad, x, w_ih, w_hh, out, gates, cells, cell, n_v, n_h)
+    dx, dw_ih, dbias, dbias_hn, dw_hh = grads
+    return dx, dw_ih, dbias, dbias_hn, dw_hh
 
 
-@lstm2d_backward.register_fake
-def _(grad, x, w_ih, w_hh, out, gates, cells, n_v, n_h):
-    dbias = x.new_empty(w_ih.shape[0], dtype=_acc_dtype(x.dtype))
-    return torch.empty_like(x), torch.empty_like(w_ih), dbias, torch.empty_like(w_hh)
+@rnn2d_op_backward.register_fake
+def _(grad, x, w_ih, w_hh, out, gates, cells, cell, n_v, n_h):
+    acc = _acc_dtype(x.dtype)
+    dbias = x.new_empty(w_ih.shape[0], dtype=acc)
+    dbias_hn = x.new_empty((n_v + n_h) * w_hh.shape[2] if cell == "gru" else 0, dtype=acc)
+    return torch.empty_like(x), torch.empty_like(w_ih), dbias, dbias_hn, torch.empty_like(w_hh)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_ih, bias, w_hh, n_v, n_h, save = inputs
+    x, w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, save = inputs
     out, gates, cells = output
     ctx.mark_non_differentiable(gates, cells)
     ctx.save_for_backward(x, w_ih, w_hh, out, gates, cells)
-    ctx.n_v, ctx.n_h, ctx.save, ctx.bias_dtype = n_v, n_h, save, bias.dtype
+    ctx.cell, ctx.n_v, ctx.n_h, ctx.save = cell, n_v, n_h, save
+    ctx.bias_dtype, ctx.bias_hn_dtype = bias.dtype, bias_hn.dtype
 
 
 def _backward(ctx, grad, _grad_gates, _grad_cells):
     if not ctx.save:
-        raise RuntimeError("seqvision::lstm2d was run with save=False; its output has no gradient")
+        raise RuntimeError("seqvision::rnn2d_fused was run with save=False; its output has no gradient")
     x, w_ih, w_hh, out, gates, cells = ctx.saved_tensors
-    dx, dw_ih, dbias, dw_hh = lstm2d_backward(grad.contiguous(), x, w_ih, w_hh, out, gates, cells, ctx.n_v, ctx.n_h)
-    return dx, dw_ih, dbias.to(ctx.bias_dtype), dw_hh, None, None, None
+    dx, dw_ih, dbias, dbias_hn, dw_hh = rnn2d_op_backward(
+        grad.contiguous(), x, w_ih, w_hh, out, gates, cells, ctx.cell, ctx.n_v, ctx.n_h
+    )
+    return dx, dw_ih, dbias.to(ctx.bias_dtype), dbias_hn.to(ctx.bias_hn_dtype), dw_hh, None, None, None, None
 
 
-lstm2d.register_autograd(_backward, setup_context=_setup_context)
+rnn2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # -- Entry point used by seqvision.ops.rnn2d -------------------------------------------------------------------
@@ -193,7 +216,9 @@ def _compute_dtype(x: Tensor) -> torch.dtype | None:
 def _supported(rnns: list[nn.RNNBase], x: Tensor) -> bool:
     first = rnns[0]
     for r in rnns:
-        if type(r) is not nn.LSTM or r.num_layers != 1 or not r.batch_first or r.proj_size != 0:
+        if type(r) is not type(first) or type(r) not in CELLS or getattr(r, "nonlinearity", "tanh") != "tanh":
+            return False
+        if r.num_layers != 1 or not r.batch_first or r.proj_size != 0:
             return False
         if r.hidden_size != first.hidden_size or r.bidirectional != first.bidirectional or r.bias != first.bias:
             return False
@@ -210,14 +235,21 @@ def rnn2d_fused(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, u
     dtype = _compute_dtype(x)
     if dtype is None:
         return None
+    cell = CELLS[type(rnns[0])]
     dirs = 2 if rnns[0].bidirectional else 1
     n_v = dirs if rnn_v is not None else 0
     n_h = dirs if rnn_h is not None else 0
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for r in rnns for p in r.parameters()))
-    w_ih, bias, w_hh = packed_weights(rnns, dtype, _acc_dtype(dtype))
+    acc = _acc_dtype(dtype)
+    w_ih, bias, w_hh = packed_weights(rnns, dtype, acc)
+    bias_hn = w_ih.new_zeros(0, dtype=acc)
     if bias is None:  # the kernel always adds a bias
-        bias = w_ih.new_zeros(w_ih.shape[0], dtype=_acc_dtype(dtype))
-    out, _, _ = lstm2d(x.to(dtype).contiguous(), w_ih, bias, w_hh, n_v, n_h, save)
+        bias = w_ih.new_zeros(w_ih.shape[0], dtype=acc)
+        if cell == "gru":
+            bias_hn = w_ih.new_zeros(len(rnns) * dirs * rnns[0].hidden_size, dtype=acc)
+    elif cell == "gru":
+        bias, bias_hn = gru_biases(rnns, acc)
+    out, _, _ = rnn2d_op(x.to(dtype).contiguous(), w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, save)
     if n_v and n_h and union != "cat":  # the reference joins two axes by addition unless union == "cat"
         half = out.shape[-1] // 2
         out = out[..., :half] + out[..., half:]

@@ -36,3 +36,18 @@ def packed_weights(
         acc = torch.promote_types(b_ih.dtype, bias_dtype)
         sums.append(b_ih.to(acc) + b_hh.to(acc))
     return w_ih, torch.cat(sums).to(bias_dtype), w_hh
+
+
+def gru_biases(rnns: list[nn.RNNBase], bias_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A GRU's biases as the fused kernel adds them: ``b_ih + b_hh`` for the r and z blocks and ``b_in`` alone
+    for the n block (dirs*3D), and ``b_hn`` (dirs*D), which acts inside r * (W_hn h + b_hn). Differentiable."""
+    suffixes = ("", "_reverse") if rnns[0].bidirectional else ("",)
+    outer, inner = [], []
+    for r in rnns:
+        D = r.hidden_size
+        for s in suffixes:
+            b_ih = getattr(r, f"bias_ih_l0{s}").to(bias_dtype)
+            b_hh = getattr(r, f"bias_hh_l0{s}").to(bias_dtype)
+            outer += [b_ih[: 2 * D] + b_hh[: 2 * D], b_ih[2 * D :]]
+            inner.append(b_hh[2 * D :])
+    return torch.cat(outer), torch.cat(inner)

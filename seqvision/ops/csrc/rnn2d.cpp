@@ -1,12 +1,12 @@
 // Fused CPU engine for BiLSTM2D token mixing (seqvision issue 4).
 //
-// x is a contiguous B x H x W x C map. Up to four LSTM directions run over it: vertical forward /
+// x is a contiguous B x H x W x C map. Up to four LSTM (or GRU, or tanh-RNN) directions run over it: vertical forward /
 // backward (sequences of length H, one per column: B*W rows) and horizontal forward / backward
 // (length W, one per row: B*H rows). The input projections of all directions are one GEMM done by the
 // caller-side ATen op here; the recurrences then run in lock-step. Rows (independent sequences) are split
 // across threads once, so each thread runs its own time loop with no barrier per step: per step and
 // direction, one small GEMM (h_prev @ W_hh^T, sequential BLAS inside the parallel region) followed by the
-// fused gate loop (activations, cell update), with h and c kept in per-thread buffers that stay in cache.
+// fused gate loop (activations, state update), with h and c kept in per-thread buffers that stay in cache.
 // Each h is written straight into the final B x H x W x (ndir*D) output at its direction's column block.
 //
 // Precision: float and double run in their own type. bfloat16: the input projection (~80% of the FLOPs) is a
@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -226,24 +227,44 @@ inline ThreadRows thread_rows(const Grid& g, int64_t tid, int64_t nt) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// LSTM forward. Per row: pre = xproj + bias + h_prev W_hh^T; gates (i, f, g, o) in PyTorch's order.
-template <typename T, bool SAVE>
-void lstm_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename Elem<T>::acc* bias,
-                       const typename Elem<T>::acc* w_hh,
-                       T* out, typename Elem<T>::acc* gates, typename Elem<T>::acc* cells) {
+// The cells, in PyTorch's definitions and gate orders. Per direction, a token's input projection has
+// kGates[K] blocks of D; training saves kSaved[K] blocks of D (acc type) per token and direction:
+//   LSTM (i, f, g, o):  c = f c + i g, h = o tanh(c)            saves i, f, g, o (and c, in `cells`)
+//   GRU (r, z, n):      n = tanh(x_n + b_in + r (W_hn h + b_hn)), h = (1 - z) n + z h_prev
+//                                                              saves r, z, n, W_hn h + b_hn, h_prev
+//   tanh-RNN:           h = tanh(x W_ih^T + b + h_prev W_hh^T)  saves h
+enum Cell : int { kLSTM = 0, kGRU = 1, kRNN = 2 };
+constexpr int64_t kGates[] = {4, 3, 1};
+constexpr int64_t kSaved[] = {4, 5, 1};
+
+Cell parse_cell(const std::string& name) {
+  if (name == "lstm") return kLSTM;
+  if (name == "gru") return kGRU;
+  TORCH_CHECK(name == "rnn_tanh", "unknown cell '", name, "' (lstm, gru or rnn_tanh)");
+  return kRNN;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward. Per row: pre = xproj + bias + h_prev W_hh^T, then the cell's gate math. `bias` is b_ih + b_hh,
+// except for the GRU's n block, where it is b_in alone and b_hn (`bias_hn`) goes inside r (W_hn h + b_hn).
+template <typename T, int K, bool SAVE>
+void rnn_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename Elem<T>::acc* bias,
+                      const typename Elem<T>::acc* bias_hn, const typename Elem<T>::acc* w_hh,
+                      T* out, typename Elem<T>::acc* gates, typename Elem<T>::acc* cells) {
   using acc = typename Elem<T>::acc;
   using raw = typename Elem<T>::raw;
-  const int64_t nd = int64_t(g.dirs.size()), G4 = 4 * D, proj_ld = nd * G4, out_ld = nd * D;
+  constexpr int64_t NG = kGates[K], NS = kSaved[K];
+  const int64_t nd = int64_t(g.dirs.size()), GD = NG * D, SD = NS * D, proj_ld = nd * GD, out_ld = nd * D;
   const int64_t nt = pick_threads(g), steps = g.steps();
 
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     const SequentialBlas sequential;
     for (int64_t tid = t0; tid < t1; ++tid) {
       const auto [lo, hi, max_rows] = thread_rows(g, tid, nt);
-      // Per-thread state in the acc type: h (the next GEMM's input), c, and the recurrent product.
-      std::vector<acc> hbuf(nd * max_rows * D);
-      std::vector<acc> cbuf(nd * max_rows * D, acc(0));
-      std::vector<acc> rbuf(kRowBlock * G4);
+      // Per-thread state in the acc type: h (the next GEMM's input; zero at t = 0), c, the recurrent product.
+      std::vector<acc> hbuf(nd * max_rows * D, acc(0));
+      std::vector<acc> cbuf(K == kLSTM ? nd * max_rows * D : 0, acc(0));
+      std::vector<acc> rbuf(kRowBlock * GD);
 
       for (int64_t t = 0; t < steps; ++t) {
         for (int64_t d = 0; d < nd; ++d) {
@@ -251,52 +272,82 @@ void lstm_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename 
           const int64_t m = hi[d] - lo[d];
           if (t >= dir.T || m == 0) continue;
           acc* h = hbuf.data() + d * max_rows * D;
-          acc* c = cbuf.data() + d * max_rows * D;
+          acc* c = K == kLSTM ? cbuf.data() + d * max_rows * D : nullptr;
           acc* r = rbuf.data();
-          const acc* b = bias + d * G4;
-          // Row blocks keep the recurrent product (kRowBlock x 4D) in L1 between the GEMM and the gate loop.
+          const acc* b = bias + d * GD;
+          const acc* bhn = K == kGRU ? bias_hn + d * D : nullptr;
+          // Row blocks keep the recurrent product (kRowBlock x GD) in L1 between the GEMM and the gate loop.
           for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
             const int64_t mb = std::min(kRowBlock, m - r0);
             if (t == 0) {
-              std::fill(r, r + mb * G4, acc(0));  // zero initial state
+              std::fill(r, r + mb * GD, acc(0));  // zero initial state
             } else {
-              gemm(true, int(mb), int(G4), int(D), h + r0 * D, int(D), w_hh + d * G4 * D, int(D), acc(0), r, int(G4));
+              gemm(true, int(mb), int(GD), int(D), h + r0 * D, int(D), w_hh + d * GD * D, int(D), acc(0), r, int(GD));
             }
             for (int64_t i = r0; i < r0 + mb; ++i) {
               if (i + kAhead < m) {
                 const int64_t ahead = g.token(dir, t, lo[d] + i + kAhead);
-                prefetch(xproj + ahead * proj_ld + d * G4, G4 * int64_t(sizeof(T)));
+                prefetch(xproj + ahead * proj_ld + d * GD, GD * int64_t(sizeof(T)));
                 prefetch<true>(out + ahead * out_ld + d * D, D * int64_t(sizeof(T)));
                 if (SAVE) {
-                  prefetch<true>(gates + (ahead * nd + d) * G4, G4 * int64_t(sizeof(acc)));
-                  prefetch<true>(cells + (ahead * nd + d) * D, D * int64_t(sizeof(acc)));
+                  prefetch<true>(gates + (ahead * nd + d) * SD, SD * int64_t(sizeof(acc)));
+                  if (K == kLSTM) prefetch<true>(cells + (ahead * nd + d) * D, D * int64_t(sizeof(acc)));
                 }
               }
               const int64_t tok = g.token(dir, t, lo[d] + i);
-              const raw* xp = reinterpret_cast<const raw*>(xproj + tok * proj_ld + d * G4);
-              const acc* ri = r + (i - r0) * G4;
-              acc* ci = c + i * D;
+              const raw* xp = reinterpret_cast<const raw*>(xproj + tok * proj_ld + d * GD);
+              const acc* ri = r + (i - r0) * GD;
               acc* hi_ = h + i * D;
               raw* oi = reinterpret_cast<raw*>(out + tok * out_ld + d * D);
-              acc* gs = SAVE ? gates + (tok * nd + d) * G4 : nullptr;
-              acc* cs = SAVE ? cells + (tok * nd + d) * D : nullptr;
+              acc* gs = SAVE ? gates + (tok * nd + d) * SD : nullptr;
+              if constexpr (K == kLSTM) {
+                acc* ci = c + i * D;
+                acc* cs = SAVE ? cells + (tok * nd + d) * D : nullptr;
 #pragma omp simd
-              for (int64_t j = 0; j < D; ++j) {
-                const acc ig = sigmoid_a(Elem<T>::load(xp[j]) + b[j] + ri[j]);
-                const acc fg = sigmoid_a(Elem<T>::load(xp[D + j]) + b[D + j] + ri[D + j]);
-                const acc gg = tanh_a(Elem<T>::load(xp[2 * D + j]) + b[2 * D + j] + ri[2 * D + j]);
-                const acc og = sigmoid_a(Elem<T>::load(xp[3 * D + j]) + b[3 * D + j] + ri[3 * D + j]);
-                const acc cn = fg * ci[j] + ig * gg;
-                const acc hv = og * tanh_a(cn);
-                ci[j] = cn;
-                hi_[j] = hv;
-                oi[j] = Elem<T>::store(hv);
-                if (SAVE) {
-                  gs[j] = ig;
-                  gs[D + j] = fg;
-                  gs[2 * D + j] = gg;
-                  gs[3 * D + j] = og;
-                  cs[j] = cn;
+                for (int64_t j = 0; j < D; ++j) {
+                  const acc ig = sigmoid_a(Elem<T>::load(xp[j]) + b[j] + ri[j]);
+                  const acc fg = sigmoid_a(Elem<T>::load(xp[D + j]) + b[D + j] + ri[D + j]);
+                  const acc gg = tanh_a(Elem<T>::load(xp[2 * D + j]) + b[2 * D + j] + ri[2 * D + j]);
+                  const acc og = sigmoid_a(Elem<T>::load(xp[3 * D + j]) + b[3 * D + j] + ri[3 * D + j]);
+                  const acc cn = fg * ci[j] + ig * gg;
+                  const acc hv = og * tanh_a(cn);
+                  ci[j] = cn;
+                  hi_[j] = hv;
+                  oi[j] = Elem<T>::store(hv);
+                  if (SAVE) {
+                    gs[j] = ig;
+                    gs[D + j] = fg;
+                    gs[2 * D + j] = gg;
+                    gs[3 * D + j] = og;
+                    cs[j] = cn;
+                  }
+                }
+              } else if constexpr (K == kGRU) {
+#pragma omp simd
+                for (int64_t j = 0; j < D; ++j) {
+                  const acc rg = sigmoid_a(Elem<T>::load(xp[j]) + b[j] + ri[j]);
+                  const acc zg = sigmoid_a(Elem<T>::load(xp[D + j]) + b[D + j] + ri[D + j]);
+                  const acc hn = ri[2 * D + j] + bhn[j];
+                  const acc ng = tanh_a(Elem<T>::load(xp[2 * D + j]) + b[2 * D + j] + rg * hn);
+                  const acc hp = hi_[j];
+                  const acc hv = (acc(1) - zg) * ng + zg * hp;
+                  hi_[j] = hv;
+                  oi[j] = Elem<T>::store(hv);
+                  if (SAVE) {
+                    gs[j] = rg;
+                    gs[D + j] = zg;
+                    gs[2 * D + j] = ng;
+                    gs[3 * D + j] = hn;
+                    gs[4 * D + j] = hp;
+                  }
+                }
+              } else {
+#pragma omp simd
+                for (int64_t j = 0; j < D; ++j) {
+                  const acc hv = tanh_a(Elem<T>::load(xp[j]) + b[j] + ri[j]);
+                  hi_[j] = hv;
+                  oi[j] = Elem<T>::store(hv);
+                  if (SAVE) gs[j] = hv;
                 }
               }
             }
@@ -307,78 +358,114 @@ void lstm_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename 
   });
 }
 
-// LSTM backward through time. Produces d(pre-activation) for every token and direction (dpre, storage type),
-// from which the caller gets dx and all weight gradients with large GEMMs.
-template <typename T>
-void lstm_backward_impl(const Grid& g, int64_t D, const T* grad_out, const typename Elem<T>::acc* w_hh, const typename Elem<T>::acc* gates,
-                        const typename Elem<T>::acc* cells, T* dpre) {
+// Backward through time. Produces d(pre-activation) for every token and direction: `dpre` on the input side
+// (dx, dW_ih, the bias) and, for the GRU, whose n block differs by the factor r, `dpre_h` on the hidden side
+// (dW_hh, b_hn); the caller gets dx and every weight gradient from them with large GEMMs.
+template <typename T, int K>
+void rnn_backward_impl(const Grid& g, int64_t D, const T* grad_out, const typename Elem<T>::acc* w_hh,
+                       const typename Elem<T>::acc* gates, const typename Elem<T>::acc* cells, T* dpre, T* dpre_h) {
   using acc = typename Elem<T>::acc;
   using raw = typename Elem<T>::raw;
-  const int64_t nd = int64_t(g.dirs.size()), G4 = 4 * D, pre_ld = nd * G4, out_ld = nd * D;
+  constexpr int64_t NG = kGates[K], NS = kSaved[K];
+  const int64_t nd = int64_t(g.dirs.size()), GD = NG * D, SD = NS * D, pre_ld = nd * GD, out_ld = nd * D;
   const int64_t nt = pick_threads(g), steps = g.steps();
 
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     const SequentialBlas sequential;
     for (int64_t tid = t0; tid < t1; ++tid) {
       const auto [lo, hi, max_rows] = thread_rows(g, tid, nt);
-      std::vector<acc> dpbuf(nd * max_rows * G4);  // this step's dpre rows, contiguous for the GEMM
-      std::vector<acc> dcbuf(nd * max_rows * D);  // dL/dc carried to the previous step
-      std::vector<acc> dhbuf(max_rows * D);       // dL/dh from the recurrence
-      const std::vector<acc> zeros(D, acc(0));    // c_{-1}
+      std::vector<acc> dpbuf(nd * max_rows * GD);  // this step's hidden-side dpre rows, contiguous for the GEMM
+      std::vector<acc> dcbuf(nd * max_rows * D);   // carried to the previous step: LSTM dL/dc, GRU dL/dh via z
+      std::vector<acc> dhbuf(max_rows * D);        // dL/dh from the recurrent product
+      const std::vector<acc> zeros(D, acc(0));     // c_{-1}
 
       for (int64_t t = steps - 1; t >= 0; --t) {
         for (int64_t d = 0; d < nd; ++d) {
           const Dir& dir = g.dirs[d];
           const int64_t m = hi[d] - lo[d];
           if (t >= dir.T || m == 0) continue;
-          acc* dp = dpbuf.data() + d * max_rows * G4;
+          acc* dp = dpbuf.data() + d * max_rows * GD;
           acc* dc = dcbuf.data() + d * max_rows * D;
           acc* dh = dhbuf.data();
           if (t == dir.T - 1) {
             std::fill(dh, dh + m * D, acc(0));
             std::fill(dc, dc + m * D, acc(0));
           } else {
-            gemm(false, int(m), int(D), int(G4), dp, int(G4), w_hh + d * G4 * D, int(D), acc(0), dh, int(D));
+            gemm(false, int(m), int(D), int(GD), dp, int(GD), w_hh + d * GD * D, int(D), acc(0), dh, int(D));
           }
           for (int64_t i = 0; i < m; ++i) {
             const int64_t n = lo[d] + i;
             if (i + kAhead < m) {
               const int64_t ahead = g.token(dir, t, n + kAhead);
-              prefetch(gates + (ahead * nd + d) * G4, G4 * int64_t(sizeof(acc)));
-              prefetch(cells + (ahead * nd + d) * D, D * int64_t(sizeof(acc)));
-              if (t > 0) prefetch(cells + (g.token(dir, t - 1, n + kAhead) * nd + d) * D, D * int64_t(sizeof(acc)));
+              prefetch(gates + (ahead * nd + d) * SD, SD * int64_t(sizeof(acc)));
+              if (K == kLSTM) {
+                prefetch(cells + (ahead * nd + d) * D, D * int64_t(sizeof(acc)));
+                if (t > 0) prefetch(cells + (g.token(dir, t - 1, n + kAhead) * nd + d) * D, D * int64_t(sizeof(acc)));
+              }
               prefetch(grad_out + ahead * out_ld + d * D, D * int64_t(sizeof(T)));
-              prefetch<true>(dpre + ahead * pre_ld + d * G4, G4 * int64_t(sizeof(T)));
+              prefetch<true>(dpre + ahead * pre_ld + d * GD, GD * int64_t(sizeof(T)));
+              if (K == kGRU) prefetch<true>(dpre_h + ahead * pre_ld + d * GD, GD * int64_t(sizeof(T)));
             }
             const int64_t tok = g.token(dir, t, n);
-            const acc* gs = gates + (tok * nd + d) * G4;
-            const acc* cs = cells + (tok * nd + d) * D;
-            const acc* cp = t > 0 ? cells + (g.token(dir, t - 1, n) * nd + d) * D : zeros.data();
+            const acc* gs = gates + (tok * nd + d) * SD;
             const raw* go = reinterpret_cast<const raw*>(grad_out + tok * out_ld + d * D);
-            raw* dpg = reinterpret_cast<raw*>(dpre + tok * pre_ld + d * G4);
-            acc* dpl = dp + i * G4;
+            raw* dpg = reinterpret_cast<raw*>(dpre + tok * pre_ld + d * GD);
+            acc* dpl = dp + i * GD;
             const acc* dhi = dh + i * D;
             acc* dci = dc + i * D;
+            if constexpr (K == kLSTM) {
+              const acc* cs = cells + (tok * nd + d) * D;
+              const acc* cp = t > 0 ? cells + (g.token(dir, t - 1, n) * nd + d) * D : zeros.data();
 #pragma omp simd
-            for (int64_t j = 0; j < D; ++j) {
-              const acc ig = gs[j], fg = gs[D + j], gg = gs[2 * D + j], og = gs[3 * D + j];
-              const acc tc = tanh_a(cs[j]);
-              const acc dhv = Elem<T>::load(go[j]) + dhi[j];
-              const acc dcv = dci[j] + dhv * og * (acc(1) - tc * tc);
-              const acc cprev = cp[j];
-              dci[j] = dcv * fg;
-              const acc di = dcv * gg * ig * (acc(1) - ig);
-              const acc df = dcv * cprev * fg * (acc(1) - fg);
-              const acc dg = dcv * ig * (acc(1) - gg * gg);
-              const acc dO = dhv * tc * og * (acc(1) - og);
-              dpg[j] = Elem<T>::store(di);
-              dpg[D + j] = Elem<T>::store(df);
-              dpg[2 * D + j] = Elem<T>::store(dg);
-              dpg[3 * D + j] = Elem<T>::store(dO);
-              dpl[j] = di;
-              dpl[D + j] = df;
-              dpl[2 * D + j] = dg;
-              dpl[3 * D + j] = dO;
+              for (int64_t j = 0; j < D; ++j) {
+                const acc ig = gs[j], fg = gs[D + j], gg = gs[2 * D + j], og = gs[3 * D + j];
+                const acc tc = tanh_a(cs[j]);
+                const acc dhv = Elem<T>::load(go[j]) + dhi[j];
+                const acc dcv = dci[j] + dhv * og * (acc(1) - tc * tc);
+                const acc cprev = cp[j];
+                dci[j] = dcv * fg;
+                const acc di = dcv * gg * ig * (acc(1) - ig);
+                const acc df = dcv * cprev * fg * (acc(1) - fg);
+                const acc dg = dcv * ig * (acc(1) - gg * gg);
+                const acc dO = dhv * tc * og * (acc(1) - og);
+                dpg[j] = Elem<T>::store(di);
+                dpg[D + j] = Elem<T>::store(df);
+                dpg[2 * D + j] = Elem<T>::store(dg);
+                dpg[3 * D + j] = Elem<T>::store(dO);
+                dpl[j] = di;
+                dpl[D + j] = df;
+                dpl[2 * D + j] = dg;
+                dpl[3 * D + j] = dO;
+              }
+            } else if constexpr (K == kGRU) {
+              raw* dph = reinterpret_cast<raw*>(dpre_h + tok * pre_ld + d * GD);
+#pragma omp simd
+              for (int64_t j = 0; j < D; ++j) {
+                const acc rg = gs[j], zg = gs[D + j], ng = gs[2 * D + j], hn = gs[3 * D + j], hp = gs[4 * D + j];
+                const acc dhv = Elem<T>::load(go[j]) + dhi[j] + dci[j];
+                const acc dn = dhv * (acc(1) - zg) * (acc(1) - ng * ng);
+                const acc dz = dhv * (hp - ng) * zg * (acc(1) - zg);
+                const acc dr = dn * hn * rg * (acc(1) - rg);
+                const acc dnh = dn * rg;  // through W_hn h + b_hn
+                dci[j] = dhv * zg;
+                dpg[j] = Elem<T>::store(dr);
+                dpg[D + j] = Elem<T>::store(dz);
+                dpg[2 * D + j] = Elem<T>::store(dn);
+                dph[j] = Elem<T>::store(dr);
+                dph[D + j] = Elem<T>::store(dz);
+                dph[2 * D + j] = Elem<T>::store(dnh);
+                dpl[j] = dr;
+                dpl[D + j] = dz;
+                dpl[2 * D + j] = dnh;
+              }
+            } else {
+#pragma omp simd
+              for (int64_t j = 0; j < D; ++j) {
+                const acc hv = gs[j];
+                const acc dv = (Elem<T>::load(go[j]) + dhi[j]) * (acc(1) - hv * hv);
+                dpg[j] = Elem<T>::store(dv);
+                dpl[j] = dv;
+              }
             }
           }
         }
@@ -421,45 +508,66 @@ at::Tensor workspace_tensor(at::IntArrayRef shape, const at::TensorOptions& opt)
 
 at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, int64_t nd) {
+void check_inputs(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, int64_t nd, Cell cell) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "x must be a CPU tensor B x H x W x C");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16,
               "unsupported dtype ", x.scalar_type());
   TORCH_CHECK(w_ih.scalar_type() == x.scalar_type() && w_hh.scalar_type() == x.scalar_type(),
               "weights must have the dtype of x");
-  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(0) == nd && w_hh.size(1) == 4 * w_hh.size(2), "w_hh: ndir x 4D x D");
+  TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(0) == nd && w_hh.size(1) == kGates[cell] * w_hh.size(2),
+              "w_hh: ndir x gates*D x D");
   TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == nd * w_hh.size(1) && w_ih.size(1) == x.size(3),
-              "w_ih: ndir*4D x C");
+              "w_ih: ndir*gates*D x C");
 }
 
-// Returns (out, gates, cells); gates / cells are empty unless `save` (training).
-std::vector<at::Tensor> lstm2d_forward(const at::Tensor& x_, const at::Tensor& w_ih_, const at::Tensor& bias_,
-                                       const at::Tensor& w_hh_, int64_t n_v, int64_t n_h, bool save) {
+// Runs `fn` with the cell as a compile-time constant.
+template <typename F>
+void dispatch_cell(Cell cell, F&& fn) {
+  switch (cell) {
+    case kLSTM: return fn(std::integral_constant<int, kLSTM>());
+    case kGRU: return fn(std::integral_constant<int, kGRU>());
+    default: return fn(std::integral_constant<int, kRNN>());
+  }
+}
+
+// Returns (out, gates, cells); gates / cells are empty unless `save` (training); cells only for the LSTM.
+// bias_hn: the GRU's b_hn (ndir*D), empty for the other cells.
+std::vector<at::Tensor> rnn2d_forward(const at::Tensor& x_, const at::Tensor& w_ih_, const at::Tensor& bias_,
+                                      const at::Tensor& bias_hn_, const at::Tensor& w_hh_, const std::string& cell_name,
+                                      int64_t n_v, int64_t n_h, bool save) {
   const int64_t nd = n_v + n_h;
-  check_inputs(x_, w_ih_, w_hh_, nd);
+  const Cell cell = parse_cell(cell_name);
+  check_inputs(x_, w_ih_, w_hh_, nd, cell);
   const auto x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const auto bias = bias_.to(acc_type(x.scalar_type())).contiguous();
+  const auto at_acc = acc_type(x.scalar_type());
+  const auto bias = bias_.to(at_acc).contiguous(), bias_hn = bias_hn_.to(at_acc).contiguous();
   // The recurrent GEMMs run in the acc type (fp32 for bf16: small, and keeps h and the gates exact).
-  const auto w_hh_acc = w_hh.to(acc_type(x.scalar_type())).contiguous();
+  const auto w_hh_acc = w_hh.to(at_acc).contiguous();
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), D = w_hh.size(2);
+  TORCH_CHECK(bias.numel() == w_ih.size(0), "bias: ndir*gates*D");
+  TORCH_CHECK(bias_hn.numel() == (cell == kGRU ? nd * D : 0), "bias_hn: ndir*D for the GRU, empty otherwise");
   const Grid g(B, H, W, n_v, n_h);
   // One GEMM gives every direction's input projection for every token.
   auto xproj = workspace_tensor({B * H * W, w_ih.size(0)}, x.options());
   at::mm_out(xproj, x.view({B * H * W, C}), w_ih.t());
   auto out = at::empty({B, H, W, nd * D}, x.options());
-  const auto aopt = x.options().dtype(acc_type(x.scalar_type()));
-  auto gates = save ? at::empty({B, H, W, nd, 4 * D}, aopt) : at::empty({0}, aopt);
-  auto cells = save ? at::empty({B, H, W, nd, D}, aopt) : at::empty({0}, aopt);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm2d_forward", [&] {
+  const auto aopt = x.options().dtype(at_acc);
+  auto gates = save ? at::empty({B, H, W, nd, kSaved[cell] * D}, aopt) : at::empty({0}, aopt);
+  auto cells = save && cell == kLSTM ? at::empty({B, H, W, nd, D}, aopt) : at::empty({0}, aopt);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rnn2d_forward", [&] {
     using acc = typename Elem<scalar_t>::acc;
-    if (save) {
-      lstm_forward_impl<scalar_t, true>(g, D, xproj.data_ptr<scalar_t>(), bias.data_ptr<acc>(),
-                                        w_hh_acc.data_ptr<acc>(), out.data_ptr<scalar_t>(), gates.data_ptr<acc>(),
-                                        cells.data_ptr<acc>());
-    } else {
-      lstm_forward_impl<scalar_t, false>(g, D, xproj.data_ptr<scalar_t>(), bias.data_ptr<acc>(),
-                                         w_hh_acc.data_ptr<acc>(), out.data_ptr<scalar_t>(), nullptr, nullptr);
-    }
+    dispatch_cell(cell, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      const acc* bhn = K == kGRU ? bias_hn.data_ptr<acc>() : nullptr;
+      if (save) {
+        rnn_forward_impl<scalar_t, K, true>(g, D, xproj.data_ptr<scalar_t>(), bias.data_ptr<acc>(), bhn,
+                                            w_hh_acc.data_ptr<acc>(), out.data_ptr<scalar_t>(), gates.data_ptr<acc>(),
+                                            K == kLSTM ? cells.data_ptr<acc>() : nullptr);
+      } else {
+        rnn_forward_impl<scalar_t, K, false>(g, D, xproj.data_ptr<scalar_t>(), bias.data_ptr<acc>(), bhn,
+                                             w_hh_acc.data_ptr<acc>(), out.data_ptr<scalar_t>(), nullptr, nullptr);
+      }
+    });
   });
   return {out, gates, cells};
 }
@@ -481,36 +589,50 @@ at::Tensor shifted_hidden(const at::Tensor& out, const Grid& g, int64_t D) {
   return prev;
 }
 
-// Returns (dx, dw_ih, dbias, dw_hh).
-std::vector<at::Tensor> lstm2d_backward(const at::Tensor& grad_out_, const at::Tensor& x_, const at::Tensor& w_ih_,
-                                        const at::Tensor& w_hh_, const at::Tensor& out_, const at::Tensor& gates_,
-                                        const at::Tensor& cells_, int64_t n_v, int64_t n_h) {
+// Returns (dx, dw_ih, dbias, dbias_hn, dw_hh); dbias_hn is empty except for the GRU.
+std::vector<at::Tensor> rnn2d_backward(const at::Tensor& grad_out_, const at::Tensor& x_, const at::Tensor& w_ih_,
+                                       const at::Tensor& w_hh_, const at::Tensor& out_, const at::Tensor& gates_,
+                                       const at::Tensor& cells_, const std::string& cell_name, int64_t n_v,
+                                       int64_t n_h) {
   const int64_t nd = n_v + n_h;
-  check_inputs(x_, w_ih_, w_hh_, nd);
+  const Cell cell = parse_cell(cell_name);
+  check_inputs(x_, w_ih_, w_hh_, nd, cell);
   const auto x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const auto out = out_.contiguous(), gates = gates_.contiguous(), cells = cells_.contiguous();
   const auto grad_out = grad_out_.to(x.scalar_type()).contiguous();
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), D = w_hh.size(2), N = B * H * W;
-  TORCH_CHECK(gates.numel() == N * nd * 4 * D && cells.numel() == N * nd * D, "forward was run without `save`");
+  const int64_t GD = kGates[cell] * D;
+  TORCH_CHECK(gates.numel() == N * nd * kSaved[cell] * D && cells.numel() == (cell == kLSTM ? N * nd * D : 0),
+              "forward was run without `save`");
   const Grid g(B, H, W, n_v, n_h);
-  auto dpre = at::empty({N, nd * 4 * D}, x.options());
+  auto dpre = at::empty({N, nd * GD}, x.options());
+  auto dpre_h = cell == kGRU ? at::empty({N, nd * GD}, x.options()) : dpre;
   const auto w_hh_acc = w_hh.to(acc_type(x.scalar_type())).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lstm2d_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rnn2d_backward", [&] {
     using acc = typename Elem<scalar_t>::acc;
-    lstm_backward_impl<scalar_t>(g, D, grad_out.data_ptr<scalar_t>(), w_hh_acc.data_ptr<acc>(), gates.data_ptr<acc>(),
-                                 cells.data_ptr<acc>(), dpre.data_ptr<scalar_t>());
+    dispatch_cell(cell, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      rnn_backward_impl<scalar_t, K>(g, D, grad_out.data_ptr<scalar_t>(), w_hh_acc.data_ptr<acc>(),
+                                     gates.data_ptr<acc>(), K == kLSTM ? cells.data_ptr<acc>() : nullptr,
+                                     dpre.data_ptr<scalar_t>(), K == kGRU ? dpre_h.data_ptr<scalar_t>() : nullptr);
+    });
   });
   const auto x2 = x.view({N, C});
   auto dx = at::mm(dpre, w_ih).view({B, H, W, C});
   auto dw_ih = at::mm(dpre.t(), x2);
-  auto dbias = dpre.sum(0, /*keepdim=*/false, acc_type(x.scalar_type()));
+  const auto at_acc = acc_type(x.scalar_type());
+  auto dbias = dpre.sum(0, /*keepdim=*/false, at_acc);
+  auto dbias_hn = at::empty({0}, x.options().dtype(at_acc));
+  if (cell == kGRU) {  // the n blocks of dpre_h, summed over tokens
+    dbias_hn = dpre_h.view({N, nd, 3, D}).select(2, 2).sum(0, /*keepdim=*/false, at_acc).reshape({nd * D});
+  }
   const auto hprev = shifted_hidden(out, g, D).view({N, nd * D});
   auto dw_hh = at::empty_like(w_hh);
   for (int64_t d = 0; d < nd; ++d) {
     auto dst = dw_hh[d];
-    at::mm_out(dst, dpre.narrow(1, d * 4 * D, 4 * D).t(), hprev.narrow(1, d * D, D));
+    at::mm_out(dst, dpre_h.narrow(1, d * GD, GD).t(), hprev.narrow(1, d * D, D));
   }
-  return {dx, dw_ih, dbias, dw_hh};
+  return {dx, dw_ih, dbias, dbias_hn, dw_hh};
 }
 
 bool has_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
@@ -518,7 +640,7 @@ bool has_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lstm2d_forward", &lstm2d_forward, py::call_guard<py::gil_scoped_release>());
-  m.def("lstm2d_backward", &lstm2d_backward, py::call_guard<py::gil_scoped_release>());
+  m.def("rnn2d_forward", &rnn2d_forward, py::call_guard<py::gil_scoped_release>());
+  m.def("rnn2d_backward", &rnn2d_backward, py::call_guard<py::gil_scoped_release>());
   m.def("has_blas", &has_blas);
 }
