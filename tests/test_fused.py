@@ -319,7 +319,12 @@ def test_dispatcher_chooses_by_engine(monkeypatch):
             gv, gh = make_rnns(4, 3, cell=nn.GRU)
             torch.testing.assert_close(ops.rnn2d(x, gv, gh, "cat"), rnn2d_reference(x, gv, gh, "cat"))
             assert called == [1]
-        called.clear()
+            called.clear()
+            qv, qh = torch.ao.quantization.quantize_dynamic(nn.ModuleList([rv, rh]), {nn.LSTM}, torch.qint8)
+            available = fused.available
+            monkeypatch.setattr(fused, "available", lambda: pytest.fail("int8 RNNs must not build the kernel"))
+            assert ops.rnn2d(x, qv, qh, "cat").shape == expected.shape and called == []
+            monkeypatch.setattr(fused, "available", available)
         with ops.use_engine("fused"):
             torch.testing.assert_close(ops.rnn2d(x, rv, rh, "cat"), expected, atol=1e-5, rtol=1e-5)
         assert called == [1]

@@ -101,6 +101,8 @@ def _cpu_auto_fused(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | Non
     """auto on the CPU: the fused kernel where autograd records the call (training, input gradients) and for
     GRU / tanh-RNN inference; oneDNN for LSTM inference."""
     rnns = [r for r in (rnn_v, rnn_h) if r is not None]
+    if any(type(r) not in (nn.LSTM, nn.GRU, nn.RNN) for r in rnns):
+        return False  # e.g. int8 dynamic-quantised RNNs: not the kernel's, and no reason to build it
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for r in rnns for p in r.parameters())):
         return True
     return not any(isinstance(r, nn.LSTM) for r in rnns)
