@@ -258,7 +258,7 @@ def test_build_failure_warns_once(monkeypatch):
 
 @pytest.mark.parametrize("built", [False, True])
 def test_first_build_is_announced(monkeypatch, tmp_path, capsys, built):
-    """A build (about a minute) says so on stderr first; loading the cached build says nothing."""
+    """A build (about 30 s) says so on stderr first; loading the cached build says nothing."""
     import torch.utils.cpp_extension as cpp
 
     monkeypatch.setattr(fused, "_ext", None)
@@ -266,8 +266,8 @@ def test_first_build_is_announced(monkeypatch, tmp_path, capsys, built):
     monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: str(tmp_path))
     if built:
         (tmp_path / f"{fused._build_name()}.so").write_bytes(b"")
-    monkeypatch.setattr(cpp, "load", lambda **kwargs: "loaded")
-    assert fused._load() == "loaded"
+    monkeypatch.setattr(cpp, "load", lambda **kwargs: None)
+    assert fused._load() is not None and fused.load_error() is None
     err = capsys.readouterr().err
     assert ("compiling the fused CPU BiLSTM2D engine" in err) is not built, err
 
