@@ -42,9 +42,21 @@ def test_cpu_bench_table_with_int8_rows(capsys):
     assert "GEMM peak measured: fp32" in out and "bf16" not in out.split("GEMM peak measured:")[1].splitlines()[0]
 
 
+def test_cpu_bench_of_a_variant_timm_lacks(capsys):
+    """gru_sequencer2d_s is not in timm: the table compares seqvision's engines and says why timm is missing."""
+    argv = ["bench", "--model", "gru_sequencer2d_s", "--img-size", "32", "--batch", "1", "--dtype", "fp32",
+            "--iters", "1", "--warmup", "1", "--no-compile", "--no-convnext"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    names = [r[0] for r in _table_rows(out)[1:]]
+    assert names == ["seqvision fused", "seqvision reference"], names
+    assert "timm has no gru_sequencer2d_s" in out
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["--model", "sequencer2d_xs"], "sequencer2d_xs"),
         (["--dtype", "fp64"], "unknown --dtype fp64"),
         (["--dtype", "int8", "--train"], "inference only"),
         (["--device", "tpu"], "--device must be cpu or cuda"),
