@@ -349,7 +349,7 @@ def test_engine_from_environment(value, expected):
 def test_packed_weights_layout_and_dtypes():
     """The packing both engines share: directions in output order, biases summed in fp32 before a bf16 cast,
     differentiable to every parameter."""
-    from seqvision.ops.packing import packed_weights
+    from seqvision.ops.packing import gru_biases, packed_weights
 
     rv, rh = make_rnns(4, 3)
     w_ih, bias, w_hh = packed_weights([rv, rh], torch.bfloat16, torch.bfloat16)
@@ -363,6 +363,15 @@ def test_packed_weights_layout_and_dtypes():
         assert torch.equal(bias[12 * k : 12 * (k + 1)], summed)
     grads = torch.autograd.grad(w_ih.float().sum() + bias.float().sum() + w_hh.float().sum(), params(rv, rh))
     assert all(g.abs().sum() > 0 for g in grads)
+
+    gv, gh = make_rnns(4, 3, cell=nn.GRU)
+    outer, inner = gru_biases([gv, gh], torch.float64)
+    assert outer.shape == (4 * 9,) and inner.shape == (4 * 3,) and outer.dtype == inner.dtype == torch.float64
+    for k, (r, s) in enumerate([(gv, ""), (gv, "_reverse"), (gh, ""), (gh, "_reverse")]):
+        b_ih, b_hh = getattr(r, f"bias_ih_l0{s}").double(), getattr(r, f"bias_hh_l0{s}").double()
+        assert torch.equal(outer[9 * k : 9 * k + 6], b_ih[:6] + b_hh[:6])  # r and z: the two biases add
+        assert torch.equal(outer[9 * k + 6 : 9 * (k + 1)], b_ih[6:])  # n: b_in only
+        assert torch.equal(inner[3 * k : 3 * (k + 1)], b_hh[6:])  # b_hn, applied inside r * (W_hn h + b_hn)
 
     no_bias = nn.LSTM(4, 3, batch_first=True, bias=False)
     assert packed_weights([no_bias], torch.float32, torch.float32)[1] is None

@@ -132,7 +132,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # in the acc dtype, except the GRU's n blocks: b_in alone); bias_hn: the GRU's b_hn (ndir*D), else empty;
 # w_hh: ndir x G*D x D.
 CELLS = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn_tanh"}
-_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1}
 _SAVED = {"lstm": 4, "gru": 5, "rnn_tanh": 1}  # acc values saved per token, direction and hidden unit
 
 

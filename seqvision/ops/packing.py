@@ -1,8 +1,9 @@
-"""The LSTM weights of a BiLSTM2D block, packed for the engines that run every direction at once.
+"""The RNN weights of a BiLSTM2D block, packed for the engines that run every direction at once.
 
 The fused (CPU) and Triton (GPU) engines both want the directions' weights side by side, in the order of the
 block's output slices [vertical fwd | vertical bwd | horizontal fwd | horizontal bwd]: one input-projection
-matrix for all directions, the summed biases, and the recurrent matrices stacked.
+matrix for all directions, the summed biases, and the recurrent matrices stacked (the GRU's biases, which
+do not all sum, come from ``gru_biases``).
 
 Packing runs on every call, inference included: a few small copies per block (0.17-0.21 ms on 2 CPU cores at
 Sequencer2D-S's shapes, under 1% of a mixer's time; on a GPU a dozen small kernels).
