@@ -488,6 +488,10 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         self.previous_engine = ops.get_engine()  # the run's choice is undone in close()
         ops.set_engine(cfg["engine"])
+        if self.device.type == "cpu" and cfg["engine"] in ("auto", "fused"):
+            from .ops import fused
+
+            fused.available()  # a first build (~30 s) happens here, not inside epoch 1's timing
         seed_everything(cfg["seed"])  # model initialisation: the same on every rank
         size = cfg["img_size"]
         train_tf = create_transform(

@@ -248,6 +248,22 @@ def test_engine_options_run(tmp_path, monkeypatch, capsys):
     assert "warning: --amp on a CPU where oneDNN has no bf16 path" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("engine, builds", [("auto", True), ("fused", True), ("reference", False)])
+def test_cpu_run_builds_the_fused_engine_before_epoch_one(tmp_path, monkeypatch, engine, builds):
+    """A first build of the fused kernel (~30 s) happens while the run is set up, not inside epoch 1's timing."""
+    from seqvision.ops import fused
+    from seqvision.train import Trainer
+
+    calls = []
+    monkeypatch.setattr(fused, "available", lambda: calls.append(1) or True)
+    trainer = Trainer(tiny_cfg(tmp_path / "r", epochs=1, engine=engine))
+    try:
+        trainer.build()
+        assert bool(calls) is builds
+    finally:
+        trainer.close()
+
+
 def test_existing_run_is_not_overwritten(digits_run):
     out, _ = digits_run
     with pytest.raises(ConfigError, match="--resume"):
