@@ -178,6 +178,17 @@ def test_fresh_process_benchmark_runs_each_row_alone():
         assert float(shown.rstrip("x")) == pytest.approx(t / f, abs=rounding)
 
 
+def test_fresh_process_benchmark_of_a_variant_timm_lacks():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    args = ["--model", "gru_sequencer2d_s", "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "1"]
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "timm has no gru_sequencer2d_s; the ratios are to seqvision's reference engine" in r.stdout
+    rows = {row[0]: row for row in _table_rows(r.stdout)[1:]}
+    assert set(rows) == {"seqvision fused", "seqvision reference"}
+    assert rows["seqvision reference"][3] == "1.00x / 1.00x" and rows["seqvision reference"][6] == "1.00x"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its ptxas)")
 def test_split_kernels_fit_the_shared_memory_of_consumer_gpus(capsys):
     """Compiled for an RTX 40xx (sm_89, 99 KiB per block) without a GPU: at D = 96 the one-piece kernels need more
