@@ -934,6 +934,19 @@ class Trainer:
         }
 
     # -- the whole run ---------------------------------------------------------------------------------
+    def _engine_description(self) -> str:
+        """The engine choice as the log shows it: what ``auto`` resolves to on this device."""
+        engine = ops.get_engine()
+        if engine != "auto":
+            return engine
+        if self.device.type == "cuda":
+            return "auto (Triton where it covers the layer, cuDNN elsewhere)"
+        from .ops import fused
+
+        if not fused.available():
+            return f"auto (reference: the fused kernel is unavailable, {fused.load_error()})"
+        return "auto (fused C++ kernel for training; oneDNN for LSTM evaluation)"
+
     def fit(self) -> dict[str, Any]:
         cfg, d = self.cfg, self.dist
         self.build()
@@ -1020,7 +1033,7 @@ class Trainer:
             f"warm-up {cfg['warmup_epochs']} -> {self.total_epochs} epochs, {self.updates_per_epoch} updates each"
         )
         self.log(
-            f"  engine   {self.device}, {amp}, {wrap}, BiLSTM2D engine {ops.get_engine()}"
+            f"  engine   {self.device}, {amp}, {wrap}, BiLSTM2D engine {self._engine_description()}"
             + (", torch.compile" if cfg["compile"] else "")
             + (", gradient checkpointing" if cfg["grad_checkpointing"] else "")
         )

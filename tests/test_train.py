@@ -200,6 +200,10 @@ def test_digits_run_learns_and_records(digits_run):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     log = (out / "log.txt").read_text()
     assert "lr 0.005 is for a global batch of 32" in log and "-> lr 0.005 (linear scaling)" in log
+    from seqvision.ops import fused
+
+    resolved = "fused C++ kernel for training" if fused.available() else "reference: the fused kernel is unavailable"
+    assert f"BiLSTM2D engine auto ({resolved}" in log
 
 
 def test_checkpoint_is_safe_to_load_and_complete(digits_run):
