@@ -64,11 +64,11 @@ def test_forward_matches_reference(shape, union, bidirectional, cell):
 
 
 @pytest.mark.parametrize("n_v,n_h", [(2, 2), (1, 1), (2, 0), (0, 1)])
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_gradcheck_float64(n_v, n_h, cell):
     torch.manual_seed(0)
     B, H, W, C, D = 2, 3, 4, 3, 2
-    nd, G = n_v + n_h, {"lstm": 4, "gru": 3, "rnn_tanh": 1}[cell]
+    nd, G = n_v + n_h, {"lstm": 4, "gru": 3, "rnn": 1}[cell]
     kw = dict(dtype=torch.float64, requires_grad=True)
     x = torch.randn(B, H, W, C, **kw)
     w_ih = (torch.randn(nd * G * D, C) * 0.5).to(torch.float64).requires_grad_()
@@ -193,10 +193,10 @@ def test_torch_compile_fullgraph_one_op():
     torch.testing.assert_close(grad, eager_grad)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_opcheck(cell):
     torch.manual_seed(0)
-    G, D = {"lstm": 4, "gru": 3, "rnn_tanh": 1}[cell], 3
+    G, D = {"lstm": 4, "gru": 3, "rnn": 1}[cell], 3
     x = torch.randn(2, 3, 4, 5)
     w_ih, bias, w_hh = torch.randn(4 * G * D, 5), torch.randn(4 * G * D), torch.randn(4, G * D, D)
     bias_hn = torch.randn(4 * D if cell == "gru" else 0)
@@ -349,7 +349,7 @@ def test_engine_from_environment(value, expected):
 def test_packed_weights_layout_and_dtypes():
     """The packing both engines share: directions in output order, biases summed in fp32 before a bf16 cast,
     differentiable to every parameter."""
-    from seqvision.ops.packing import gru_biases, packed_weights
+    from seqvision.ops.packing import gru_hn_bias, packed_weights
 
     rv, rh = make_rnns(4, 3)
     w_ih, bias, w_hh = packed_weights([rv, rh], torch.bfloat16, torch.bfloat16)
@@ -365,7 +365,7 @@ def test_packed_weights_layout_and_dtypes():
     assert all(g.abs().sum() > 0 for g in grads)
 
     gv, gh = make_rnns(4, 3, cell=nn.GRU)
-    outer, inner = gru_biases([gv, gh], torch.float64)
+    outer, inner = packed_weights([gv, gh], torch.float32, torch.float64)[1], gru_hn_bias([gv, gh], torch.float64)
     assert outer.shape == (4 * 9,) and inner.shape == (4 * 3,) and outer.dtype == inner.dtype == torch.float64
     for k, (r, s) in enumerate([(gv, ""), (gv, "_reverse"), (gh, ""), (gh, "_reverse")]):
         b_ih, b_hh = getattr(r, f"bias_ih_l0{s}").double(), getattr(r, f"bias_hh_l0{s}").double()
@@ -375,3 +375,4 @@ def test_packed_weights_layout_and_dtypes():
 
     no_bias = nn.LSTM(4, 3, batch_first=True, bias=False)
     assert packed_weights([no_bias], torch.float32, torch.float32)[1] is None
+    assert gru_hn_bias([nn.GRU(4, 3, batch_first=True, bias=False)], torch.float32) is None

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from ..errors import EngineUnavailableError
 from .layer_norm import LayerNorm
-from .reference import UNIONS, join, rnn2d_reference, rnn2d_traceable, run_horizontal, run_vertical
+from .packing import records_grad
+from .reference import CELL_NAMES, UNIONS, join, rnn2d_reference, rnn2d_traceable, run_horizontal, run_vertical
 
 # "traceable": the reference computation as one custom op, so torch.export keeps H and W symbolic.
 ENGINES = ("auto", "fused", "triton", "reference", "traceable")
@@ -101,11 +102,9 @@ def _cpu_auto_fused(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | Non
     """auto on the CPU: the fused kernel where autograd records the call (training, input gradients) and for
     GRU / tanh-RNN inference; oneDNN for LSTM inference."""
     rnns = [r for r in (rnn_v, rnn_h) if r is not None]
-    if any(type(r) not in (nn.LSTM, nn.GRU, nn.RNN) for r in rnns):
+    if any(type(r) not in CELL_NAMES for r in rnns):
         return False  # e.g. int8 dynamic-quantised RNNs: not the kernel's, and no reason to build it
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for r in rnns for p in r.parameters())):
-        return True
-    return not any(isinstance(r, nn.LSTM) for r in rnns)
+    return records_grad(x, rnns) or not any(isinstance(r, nn.LSTM) for r in rnns)
 
 
 def rnn2d(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: str) -> Tensor:

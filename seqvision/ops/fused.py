@@ -33,7 +33,8 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from .packing import gru_biases, packed_weights
+from .packing import gru_hn_bias, packed_weights, records_grad
+from .reference import CELL_NAMES
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "rnn2d.cpp"]
@@ -128,11 +129,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # -- Custom ops ----------------------------------------------------------------------------------------------
 # Directions: n_v vertical then n_h horizontal (each 0, 1 = forward or 2 = forward + backward); the output
 # columns follow that order: [vertical fwd | vertical bwd | horizontal fwd | horizontal bwd].
-# cell: "lstm" (G = 4 gate blocks), "gru" (3) or "rnn_tanh" (1). w_ih: ndir*G*D x C; bias: ndir*G*D (b_ih + b_hh
-# in the acc dtype, except the GRU's n blocks: b_in alone); bias_hn: the GRU's b_hn (ndir*D), else empty;
-# w_hh: ndir x G*D x D.
-CELLS = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn_tanh"}
-_SAVED = {"lstm": 4, "gru": 5, "rnn_tanh": 1}  # acc values saved per token, direction and hidden unit
+# cell: "lstm" (G = 4 gate blocks), "gru" (3) or "rnn" (tanh, 1), as in reference.CELL_NAMES.
+# w_ih: ndir*G*D x C; bias: ndir*G*D (packed_weights': b_ih + b_hh in the acc dtype, except the GRU's n blocks:
+# b_in alone); bias_hn: the GRU's b_hn (ndir*D), else empty; w_hh: ndir x G*D x D.
+_SAVED = {"lstm": 4, "gru": 5, "rnn": 1}  # acc values saved per token, direction and hidden unit
 
 
 @torch.library.custom_op("seqvision::rnn2d_fused", mutates_args=())
@@ -218,7 +218,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype | None:
 def _supported(rnns: list[nn.RNNBase], x: Tensor) -> bool:
     first = rnns[0]
     for r in rnns:
-        if type(r) is not type(first) or type(r) not in CELLS or getattr(r, "nonlinearity", "tanh") != "tanh":
+        if type(r) is not type(first) or type(r) not in CELL_NAMES or getattr(r, "nonlinearity", "tanh") != "tanh":
             return False
         if r.num_layers != 1 or not r.batch_first or r.proj_size != 0:
             return False
@@ -237,20 +237,18 @@ def rnn2d_fused(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, u
     dtype = _compute_dtype(x)
     if dtype is None:
         return None
-    cell = CELLS[type(rnns[0])]
+    cell = CELL_NAMES[type(rnns[0])]
     dirs = 2 if rnns[0].bidirectional else 1
     n_v = dirs if rnn_v is not None else 0
     n_h = dirs if rnn_h is not None else 0
-    save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for r in rnns for p in r.parameters()))
+    save = records_grad(x, rnns)
     acc = _acc_dtype(dtype)
     w_ih, bias, w_hh = packed_weights(rnns, dtype, acc)
-    bias_hn = w_ih.new_zeros(0, dtype=acc)
-    if bias is None:  # the kernel always adds a bias
+    bias_hn = gru_hn_bias(rnns, acc) if cell == "gru" else w_ih.new_zeros(0, dtype=acc)
+    if bias is None:  # the kernel always adds the biases
         bias = w_ih.new_zeros(w_ih.shape[0], dtype=acc)
         if cell == "gru":
             bias_hn = w_ih.new_zeros(len(rnns) * dirs * rnns[0].hidden_size, dtype=acc)
-    elif cell == "gru":
-        bias, bias_hn = gru_biases(rnns, acc)
     out, _, _ = rnn2d_op(x.to(dtype).contiguous(), w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, save)
     if n_v and n_h and union != "cat":  # the reference joins two axes by addition unless union == "cat"
         half = out.shape[-1] // 2

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import EngineUnavailableError
-from .packing import packed_weights
+from .packing import packed_weights, records_grad
 
 # Direction codes: bit 1 = axis (0 vertical: down the columns, 1 horizontal: along the rows), bit 0 = reversed.
 # Up to 4 directions are packed 2 bits each into one int kernel argument (``dir_codes``).
@@ -446,7 +446,7 @@ def rnn2d_triton(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, 
     if not _recurrence_runs_here(x.device, dtype, first.hidden_size, len(dirs)):
         return None
 
-    save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    save = records_grad(x, modules)
     # In the parameters' dtype: autocast casts W_ih and the bias in F.linear, the op casts W_hh.
     param_dtype = first.weight_ih_l0.dtype
     w_ih, bias, w_hh = packed_weights(modules, param_dtype, param_dtype)

@@ -1,8 +1,8 @@
 // Fused CPU engine for BiLSTM2D token mixing (seqvision issue 4).
 //
-// x is a contiguous B x H x W x C map. Up to four LSTM (or GRU, or tanh-RNN) directions run over it: vertical forward /
-// backward (sequences of length H, one per column: B*W rows) and horizontal forward / backward
-// (length W, one per row: B*H rows). The input projections of all directions are one GEMM done by the
+// x is a contiguous B x H x W x C map. Up to four LSTM (or GRU, or tanh-RNN) directions run over it:
+// vertical forward / backward (sequences of length H, one per column: B*W rows) and horizontal forward /
+// backward (length W, one per row: B*H rows). The input projections of all directions are one GEMM done by the
 // caller-side ATen op here; the recurrences then run in lock-step. Rows (independent sequences) are split
 // across threads once, so each thread runs its own time loop with no barrier per step: per step and
 // direction, one small GEMM (h_prev @ W_hh^T, sequential BLAS inside the parallel region) followed by the
@@ -242,7 +242,7 @@ constexpr int64_t kSaved[] = {4, 5, 1};
 Cell parse_cell(const std::string& name) {
   if (name == "lstm") return kLSTM;
   if (name == "gru") return kGRU;
-  TORCH_CHECK(name == "rnn_tanh", "unknown cell '", name, "' (lstm, gru or rnn_tanh)");
+  TORCH_CHECK(name == "rnn", "unknown cell '", name, "' (lstm, gru or rnn, the tanh RNN)");
   return kRNN;
 }
 
