@@ -46,27 +46,18 @@ def measure(
     import resource
     import time
 
-    import torch
-    from torch import nn
+    from seqvision.benchmark import _make_step
 
     if row == "timm":
         import timm
 
-        model = timm.create_model(model_name)
+        model, engine = timm.create_model(model_name), None
     else:
-        from seqvision import create_model, ops
+        from seqvision import create_model
 
-        model = create_model(model_name)
-        ops.set_engine(row.split()[-1])
-    x = torch.randn(batch, 3, img_size, img_size)
-    y = torch.randint(0, 1000, (batch,))
-    opt = torch.optim.AdamW(model.parameters())
-
-    def step() -> None:
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+        model, engine = create_model(model_name), row.split()[-1]
+    # The training step `seqvision bench --train` times: fp32 forward, cross-entropy, backward, AdamW.
+    step = _make_step(model, batch, img_size, "fp32", "fp32", True, engine)
     for _ in range(max(1, warmup)):
         step()
     before = _status_mib("VmRSS")
