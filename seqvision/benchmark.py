@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .cli import positive_int, positive_int_list
 from .errors import UserError
 from .inference import quantize_dynamic
 
@@ -54,14 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default="sequencer2d_s", help="Sequencer variant (default: sequencer2d_s)")
-    parser.add_argument("--batch", help="comma-separated batch sizes (default: 1,8,32 on CPU, 256 on CUDA)")
+    parser.add_argument(
+        "--batch", type=positive_int_list, help="comma-separated batch sizes (default: 1,8,32 on CPU, 256 on CUDA)"
+    )
     parser.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16, int8 (default: fp32,bf16)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (the GPU benchmark)")
     parser.add_argument("--train", action="store_true", help="time a training step (fwd + bwd + AdamW)")
-    parser.add_argument("--img-size", type=int, default=224, help="input resolution (default: 224)")
-    parser.add_argument("--iters", type=int, default=10, help="timed rounds per row (default: 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row (default: 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--img-size", type=positive_int, default=224, help="input resolution (default: 224)")
+    parser.add_argument("--iters", type=positive_int, default=10, help="timed rounds per row (default: 10)")
+    parser.add_argument("--warmup", type=positive_int, default=2, help="untimed steps per row (default: 2)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-convnext", action="store_true", help="skip the convnext_tiny row")
     return parser
@@ -219,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--device must be cpu or cuda, got {args.device!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    batches = [int(b) for b in str(args.batch or "1,8,32").split(",") if b]
+    batches = args.batch or [1, 8, 32]
     dtypes = [d.strip() for d in str(args.dtype).split(",") if d.strip()]
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
@@ -259,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
                 gc.collect()
                 try:
                     with rss_peak() as peak:
-                        for _ in range(max(1, args.warmup)):
+                        for _ in range(args.warmup):
                             r.step()
                 except Exception as e:  # e.g. a torch.compile failure: report it, keep the other rows
                     print(f"{r.name} ({r.mode}, batch {r.batch}) failed: {type(e).__name__}: {str(e)[:200]}")
@@ -290,8 +293,10 @@ def _run_gpu(args: argparse.Namespace) -> int:
 
     if "int8" in args.dtype:
         raise UserError("int8 (dynamic quantisation) runs on the CPU only; drop it from --dtype for --device cuda")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     models = [f"seqvision:{args.model}", f"timm:{args.model}"] + ([] if args.no_convnext else ["timm:convnext_tiny"])
-    argv = ["--device", args.device, "--models", *models, "--batch", str(args.batch or 256).split(",")[0]]
+    argv = ["--device", args.device, "--models", *models, "--batch", str(args.batch[0] if args.batch else 256)]
     argv += ["--img-size", str(args.img_size), "--iters", str(args.iters), "--warmup", str(args.warmup)]
     argv += ["--modes", "train"] if args.train else ["--modes", "infer"]
     argv += ["--amp", "none" if args.dtype.strip() == "fp32" else "bf16"]

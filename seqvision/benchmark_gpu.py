@@ -30,6 +30,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from .cli import non_negative_int, positive_int
+
 DEFAULT_MODELS = (
     "seqvision:sequencer2d_s",
     "seqvision:sequencer2d_m",
@@ -261,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="seqvision:<name> / timm:<name>")
     p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=positive_int, default=256)
+    p.add_argument("--img-size", type=positive_int, default=224)
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke test of the code path)")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
     p.add_argument(
@@ -270,11 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="triton",
         help=f"BiLSTM2D engine(s) for the seqvision models, comma-separated: {', '.join(ENGINES)}",
     )
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=non_negative_int, default=5)
+    p.add_argument("--iters", type=positive_int, default=20)
     p.add_argument("--compile", action="store_true", help="run every model under torch.compile (static shapes)")
     p.add_argument("--also-compiled", action="store_true", help="eager rows, then the same under torch.compile")
-    p.add_argument("--profile", type=int, default=0, metavar="N", help="print each row's N most expensive kernels")
+    p.add_argument(
+        "--profile", type=non_negative_int, default=0, metavar="N", help="print each row's N most expensive kernels"
+    )
     p.add_argument("--json", help="also write the results to this file")
     return p
 

@@ -33,6 +33,51 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# -- argument types shared by the subcommands ------------------------------------------------------------
+# argparse turns an ArgumentTypeError into one line ("seqvision bench: error: argument --batch: must be ...")
+# instead of the traceback a 0 or a negative count would raise deep inside torch or the data loader.
+def _number(text: str, kind: type, ok, what: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or value != value or not ok(value):  # value != value: NaN
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (batch sizes, counts, image sizes)."""
+    return _number(text, int, lambda v: v >= 1, "an integer of at least 1")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of 0 or more (worker processes, warm-up steps)."""
+    return _number(text, int, lambda v: v >= 0, "an integer of 0 or more")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number above 0 (step sizes, crop fractions)."""
+    return _number(text, float, lambda v: v > 0, "a number above 0")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number of 0 or more (attack radii)."""
+    return _number(text, float, lambda v: v >= 0, "a number of 0 or more")
+
+
+def positive_int_list(text: str) -> list[int]:
+    """argparse type: comma-separated integers of at least 1, e.g. ``1,8,32``."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        values = [positive_int(p) for p in parts]
+    except argparse.ArgumentTypeError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers of at least 1 (e.g. 1,8,32), got {text!r}")
+    return values
+
+
 # -- seqvision models ----------------------------------------------------------------------------------
 def _models_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -43,7 +88,7 @@ def _models_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("pattern", nargs="?", default="*", help="shell-style name filter (default: all)")
     p.add_argument("--flops", action="store_true", help="add GFLOPs (multiply-adds) with and without LSTMs")
-    p.add_argument("--img-size", type=int, default=224, help="input size for the FLOPs and feature maps")
+    p.add_argument("--img-size", type=positive_int, default=224, help="input size for the FLOPs and feature maps")
     return p
 
 
@@ -86,7 +131,7 @@ def _info_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", nargs="?", default="sequencer2d_s", help="variant name (default: sequencer2d_s)")
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: the variant's own)")
+    p.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the variant's own)")
     return p
 
 

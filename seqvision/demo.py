@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import non_negative_int, positive_int
+
 SHADES = " .:-=+*#%@"  # ink 0..16 -> characters, darkest last
 
 
@@ -25,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-o", "--output", default="runs/demo", help="run directory (default: runs/demo, replaced)")
-    p.add_argument("--samples", type=int, default=12, help="validation digits to show (default: 12)")
-    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--samples", type=non_negative_int, default=12, help="validation digits to show (default: 12)")
+    p.add_argument("--epochs", type=positive_int, help="override the recipe's epochs")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key (repeatable)")
     p.add_argument("--skip-train", action="store_true", help="only predict, with the checkpoint in --output")
     return p
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     if not args.skip_train:
         argv = ["--output", str(out), "--overwrite"]
-        argv += ["--epochs", str(args.epochs)] if args.epochs else []
+        argv += ["--epochs", str(args.epochs)] if args.epochs is not None else []
         for item in args.set or []:
             argv += ["--set", item]
         cfg, name = config_from_args(train_parser().parse_args(argv))

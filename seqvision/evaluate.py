@@ -31,6 +31,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .cli import non_negative_int, positive_float, positive_int
 from .data import ItemDataset, image_folder_items
 from .data import digits_images as data_digits
 from .errors import DataError, UserError
@@ -491,13 +492,15 @@ def add_model_args(
     if data:
         p.add_argument("--data-dir", required=True, help="'digits' or an ImageFolder tree (<dir>/<class>/<image>)")
         p.add_argument("--split", help="sub-directory of --data-dir to use (e.g. val); 'train' or 'val' for digits")
-    p.add_argument("--img-size", type=int, help="input size (default: the model's preprocessing)")
-    p.add_argument("--crop-pct", type=float, help="centre-crop fraction (default: the model's preprocessing)")
+    p.add_argument("--img-size", type=positive_int, help="input size (default: the model's preprocessing)")
+    p.add_argument("--crop-pct", type=positive_float, help="centre-crop fraction (default: the model's preprocessing)")
     p.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="resize interpolation")
     if data:
-        p.add_argument("--max-images", type=int, help=max_images_help)
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2; 0 loads in-process)")
+        p.add_argument("--max-images", type=positive_int, help=max_images_help)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
+    p.add_argument(
+        "--workers", type=non_negative_int, default=2, help="data-loading processes (default 2; 0 loads in-process)"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument(

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from timm.data import create_transform
 
+from .cli import positive_int
 from .data import load_image
 from .errors import UserError
 from .inference import LoadedModel, load_model, quantize_dynamic
@@ -93,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights: a seqvision training checkpoint, or authors'/timm's/seqvision's file")
     p.add_argument("--model", help="variant name (needed only when the checkpoint does not say)")
     p.add_argument("--pretrained", action="store_true", help="use the published weights of --model")
-    p.add_argument("--topk", type=int, default=5, help="how many classes to show per image (default 5)")
+    p.add_argument("--topk", type=positive_int, default=5, help="how many classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantize", choices=("dynamic",), help="int8 dynamic quantisation of LSTM/Linear weights (CPU)")
     return p

@@ -164,6 +164,23 @@ DIGITS: dict[str, Any] = {
 }
 
 _NULLABLE = ("color_jitter",)  # numbers that may also be null (off)
+# Ranges of the numeric keys (null, where a key allows it, is always fine). A value outside them would not fail
+# at once but deep inside timm or torch (a negative worker count), or not at all (a negative clip norm, which
+# trains on garbage gradients).
+_UNIT = (lambda v: 0 <= v <= 1, "between 0 and 1")
+_COUNTS = ("epochs", "batch_size", "accum_steps", "img_size", "recount", "eval_batch_size", "num_classes")
+_RANGES: dict[str, tuple[Any, str]] = {
+    **dict.fromkeys(("drop_path", "drop", "hflip", "reprob", "mixup_prob", "mixup_switch_prob"), _UNIT),
+    "model_ema_decay": _UNIT,
+    "smoothing": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    **dict.fromkeys(
+        ("mixup", "cutmix", "color_jitter", "warmup_epochs", "cooldown_epochs", "warmup_lr", "min_lr",
+         "weight_decay", "momentum", "workers", "save_every_steps", "save_every_minutes", "log_every_steps"),
+        (lambda v: v >= 0, "0 or more"),
+    ),
+    **dict.fromkeys(("lr", "lr_base_batch", "crop_pct", "clip_grad", "layer_decay"), (lambda v: v > 0, "above 0")),
+    **dict.fromkeys(_COUNTS, (lambda v: v >= 1, "at least 1")),
+}  # fmt: skip
 _BATCH_KEYS = ("batch_size", "accum_steps", "dataset", "data_dir", "seed")
 _SCHEDULE_KEYS = (
     "sched",
@@ -299,9 +316,24 @@ def resolve_config(recipe: Mapping[str, Any], overrides: Mapping[str, Any] | Non
             raise ConfigError(f"{k} must be an integer, got {v!r}")
         elif isinstance(v, tuple):
             cfg[k] = list(v)
-    for k in ("epochs", "batch_size", "accum_steps", "img_size"):
-        if cfg[k] < 1:
-            raise ConfigError(f"{k} must be at least 1, got {cfg[k]}")
+    for k, (ok, what) in _RANGES.items():
+        v = cfg[k]
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int if k in _COUNTS else (int, float)):
+            raise ConfigError(f"{k} must be {'an integer' if k in _COUNTS else 'a number'}, got {v!r}")
+        if not ok(v):
+            raise ConfigError(f"{k} must be {what}, got {v}")
+    for k, top in (("scale", 1.0), ("ratio", float("inf"))):
+        v = cfg[k]
+        if not (
+            isinstance(v, list)
+            and len(v) == 2
+            and all(isinstance(x, (int, float)) for x in v)
+            and 0 < v[0] <= v[1] <= top
+        ):
+            bound = " <= 1" if top == 1.0 else ""
+            raise ConfigError(f"{k} must be two numbers [low, high] with 0 < low <= high{bound}, got {v!r}")
     if cfg["amp_dtype"] not in ("auto", "bfloat16", "float16"):
         raise ConfigError(f"amp_dtype must be auto, bfloat16 or float16, got {cfg['amp_dtype']!r}")
     if cfg["engine"] not in TRAIN_ENGINES:

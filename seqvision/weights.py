@@ -42,6 +42,19 @@ _JSON_INFO = ("model_kwargs", "class_names", "data_config")
 
 
 # -- reading -----------------------------------------------------------------------------------------
+def _file_kind(path: Path) -> str | None:
+    """What the first bytes say a file is: "zip" (torch.save), "pickle" (legacy torch.save), "safetensors"."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80":  # pickle protocol 2+ opcode, how torch.save's legacy format starts
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":  # 8-byte little-endian header length, then the JSON header
+        return "safetensors"
+    return None
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a state dict and what the file records about it (``INFO_KEYS``) from .safetensors or .pth.
 
@@ -54,7 +67,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the file was not written completely")
     metadata: dict[str, Any] = {}
-    if path.suffix == ".safetensors":
+    kind = _file_kind(path)
+    if kind is None and path.suffix != ".safetensors":
+        raise CheckpointError(
+            f"cannot read {path}: not a checkpoint (neither a PyTorch .pth/.pt file nor safetensors); "
+            "pass the weights file itself"
+        )
+    if path.suffix == ".safetensors" or kind == "safetensors":
         try:
             from safetensors import safe_open
 

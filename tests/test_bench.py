@@ -71,8 +71,9 @@ def test_bench_bad_arguments_are_one_line(argv, message, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed where there is no GPU")
 def test_bench_cuda_without_gpu_says_so(capsys):
-    assert main(["bench", "--device", "cuda"]) == 0
-    assert "no CUDA device" in capsys.readouterr().out
+    assert main(["bench", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no CUDA device is available here; use --device cpu" in err and len(err.splitlines()) == 1
 
 
 def test_gpu_benchmark_code_path_on_cpu():

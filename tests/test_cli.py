@@ -1,5 +1,6 @@
 """The command line: help texts, the model table (and the README's copy of it), convert, errors."""
 
+import argparse
 import re
 import subprocess
 import sys
@@ -9,7 +10,17 @@ import pytest
 import torch
 
 import seqvision
-from seqvision.cli import COMMANDS, get_parser, main, models_table
+from seqvision.cli import (
+    COMMANDS,
+    get_parser,
+    main,
+    models_table,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    positive_int_list,
+)
 from seqvision.weights import read_checkpoint, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +80,53 @@ def test_convert_command(tmp_path, capsys):
     assert torch.equal(sd["blocks.0.4.down.weight"], model.stages[1].downsample.down.weight)
     assert main(["convert", str(tmp_path / "nope.pth"), str(tmp_path / "c.pth")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_number_argument_types():
+    assert positive_int("3") == 3 and non_negative_int("0") == 0
+    assert positive_float("0.5") == 0.5 and non_negative_float("0") == 0.0
+    assert positive_int_list("1, 8,32,") == [1, 8, 32]
+    bad = [
+        (positive_int, "0"), (positive_int, "-2"), (positive_int, "1.5"), (positive_int, "x"),
+        (non_negative_int, "-1"), (positive_float, "0"), (positive_float, "nan"), (non_negative_float, "-0.1"),
+        (positive_int_list, "1,0"), (positive_int_list, ","), (positive_int_list, "8,x"),
+    ]  # fmt: skip
+    for parse, text in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+            parse(text)
+
+
+# Zero or negative counts used to reach torch or the DataLoader and come back as a traceback (or, for --topk 0
+# and demo --epochs 0, to be ignored); now every command refuses them while parsing, in one line.
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--batch", "0"],
+        ["bench", "--batch", "1,x"],
+        ["bench", "--iters", "0"],
+        ["bench", "--threads", "-1"],
+        ["predict", "a.png", "--topk", "0"],
+        ["predict", "a.png", "--batch-size", "0"],
+        ["validate", "--data-dir", "digits", "--batch-size", "0"],
+        ["validate", "--data-dir", "digits", "--workers", "-1"],
+        ["validate", "--data-dir", "digits", "--crop-pct", "0"],
+        ["adversarial", "--data-dir", "digits", "--eps", "-1"],
+        ["adversarial", "--data-dir", "digits", "--steps", "0"],
+        ["resolution-sweep", "--data-dir", "digits", "--scales", "0.5", "-1"],
+        ["erf", "--data-dir", "digits", "--max-images", "0"],
+        ["export", "m.onnx", "--format", "onnx", "--img-size", "0"],
+        ["demo", "--epochs", "0"],
+        ["models", "--img-size", "-224"],
+    ],
+)
+def test_bad_numbers_are_refused_in_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    flag = next(a for a in reversed(argv) if a.startswith("--"))
+    assert err[-1].startswith(f"seqvision {argv[0]}: error: argument {flag}: must be "), err
+    assert "Traceback" not in "\n".join(err)
 
 
 def test_console_script_runs():

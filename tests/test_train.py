@@ -173,6 +173,33 @@ def test_command_line_overrides_apply():
         load_recipe("imagenet_xxl")
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lr=-1", "lr must be above 0, got -1.0"),
+        ("clip_grad=-1", "clip_grad must be above 0"),  # would clip every gradient to garbage, silently
+        ("workers=-1", "workers must be 0 or more"),
+        ("drop_path=2", "drop_path must be between 0 and 1"),
+        ("smoothing=1", "smoothing must be at least 0 and below 1"),
+        ("weight_decay=-0.1", "weight_decay must be 0 or more"),
+        ("epochs=0", "epochs must be at least 1"),
+        ("num_classes=ten", "num_classes must be an integer"),
+        ("layer_decay=abc", "layer_decay must be a number"),
+        ("scale=[0.9,0.1]", "scale must be two numbers [low, high] with 0 < low <= high <= 1"),
+        ("ratio=[0,1]", "ratio must be two numbers"),
+    ],
+)
+def test_out_of_range_settings_are_config_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        config_from_args(build_parser().parse_args(["--set", override]))
+    assert message in str(e.value)
+
+
+def test_every_recipe_is_within_the_ranges():
+    for name in recipe_paths():
+        resolve_config(load_recipe(name))  # raises ConfigError on a value out of range
+
+
 def test_print_config(capsys):
     assert main(["--epochs", "7", "--print-config"]) == 0
     assert "epochs: 7" in capsys.readouterr().out

@@ -124,7 +124,7 @@ def test_truncated_corrupt_and_missing_files(tmp_path, suffix):
         load_weights(model, truncated)
     garbage = tmp_path / f"garbage{suffix}"
     garbage.write_bytes(b"\x00not a checkpoint" * 50)
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt" if suffix == ".safetensors" else "not a checkpoint"):
         load_weights(model, garbage)
     empty = tmp_path / f"empty{suffix}"
     empty.write_bytes(b"")
@@ -132,6 +132,22 @@ def test_truncated_corrupt_and_missing_files(tmp_path, suffix):
         load_weights(model, empty)
     with pytest.raises(CheckpointError, match="not found"):
         load_weights(model, tmp_path / f"missing{suffix}")
+
+
+def test_format_is_read_from_the_contents_not_the_suffix(tmp_path):
+    model = randomise(seqvision.create_model("sequencer2d_s", **TINY))
+    misnamed = tmp_path / "weights.pth"  # a safetensors file under a .pth name, as hubs sometimes serve them
+    save_weights(model, tmp_path / "w.safetensors")
+    (tmp_path / "w.safetensors").rename(misnamed)
+    legacy = tmp_path / "legacy.bin"  # torch.save's pre-1.6 (non-zip) format
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    for path in (misnamed, legacy):
+        fresh = seqvision.create_model("sequencer2d_s", **TINY, checkpoint_path=path)
+        assert torch.equal(fresh.head.fc.weight, model.head.fc.weight), path.name
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))  # a JPEG header: the wrong file passed as weights
+    with pytest.raises(CheckpointError, match="not a checkpoint .* pass the weights file itself"):
+        load_weights(model, photo)
 
 
 def test_non_sequencer_checkpoint(tmp_path):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..cli import non_negative_float, positive_float, positive_int
 from ..data import ItemDataset
 from ..errors import UserError
 from ..evaluate import (
@@ -189,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(p)
     p.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
-    p.add_argument("--eps", type=float, default=1.0, help="L-inf radius in units of 1/255 (default 1)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="PGD iterations (default 5)")
-    p.add_argument("--step-size", type=float, default=0.5, help="PGD step in units of 1/255 (default 0.5)")
+    p.add_argument("--eps", type=non_negative_float, default=1.0, help="L-inf radius in units of 1/255 (default 1)")
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="PGD iterations (default 5)")
+    p.add_argument("--step-size", type=positive_float, default=0.5, help="PGD step in units of 1/255 (default 0.5)")
     p.add_argument("--random-start", action="store_true", help="start PGD at a uniform point of the eps-ball")
     p.add_argument("--seed", type=int, default=0)
     return p

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..cli import positive_float, positive_int
 from ..data import ItemDataset
 from ..errors import UserError
 from ..evaluate import (
@@ -132,11 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--sizes", nargs="+", type=int, help="input sizes in pixels")
+    g.add_argument("--sizes", nargs="+", type=positive_int, help="input sizes in pixels")
     g.add_argument(
         "--scales",
         nargs="+",
-        type=float,
+        type=positive_float,
         default=list(DEFAULT_SCALES),
         help="sizes as multiples of the model's own input size (default 0.5 ... 2.0)",
     )
