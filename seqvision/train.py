@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -269,12 +270,29 @@ def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_NEXT_PAIR = re.compile(r"\s*[A-Za-z_][\w.]*=")
+
+
+def _split_pairs(text: str) -> list[str]:
+    """``a=1,b.c=[1,2]`` -> ``["a=1", "b.c=[1,2]"]``: split at commas outside brackets that start a new KEY=."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0 and _NEXT_PAIR.match(text, i + 1):
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def parse_set(items: list[str] | None) -> dict[str, Any]:
-    """``--set key=value`` pairs (values in YAML syntax; ``a.b=v`` sets a nested key)."""
+    """``--set key=value`` pairs (values in YAML syntax; ``a.b=v`` sets a nested key; ``a=1,b=2`` sets two)."""
     import yaml
 
     out: dict[str, Any] = {}
-    for item in items or []:
+    for item in [pair for text in items or [] for pair in _split_pairs(text)]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")

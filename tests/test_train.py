@@ -7,6 +7,8 @@ import csv
 import json
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -193,6 +195,28 @@ def test_out_of_range_settings_are_config_errors(override, message):
     with pytest.raises(ConfigError) as e:
         config_from_args(build_parser().parse_args(["--set", override]))
     assert message in str(e.value)
+
+
+def test_set_takes_several_pairs_at_once():
+    pairs = "batch_size=12,workers=3,model_kwargs.layers=[1,2,1,1]"
+    cfg, _ = config_from_args(build_parser().parse_args(["--set", pairs]))
+    assert (cfg["batch_size"], cfg["workers"], cfg["model_kwargs"]["layers"]) == (12, 3, [1, 2, 1, 1])
+    cfg, _ = config_from_args(build_parser().parse_args(["--set", "aa=rand-m9-mstd0.5,mean=[0.5,0.5,0.5]"]))
+    assert cfg["aa"] == "rand-m9-mstd0.5" and cfg["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_documented_train_commands_parse():
+    # Every `seqvision train` line of the README and of `train --help` (the README's `--set a=1,b=2` example
+    # once failed with "batch_size must be an integer").
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text() + "\n" + build_parser().format_help()
+    lines = re.findall(r"^\s*(?:torchrun .*?-m )?seqvision train(.*?)(?:\s+#.*)?$", text, re.M)
+    lines = [line for line in lines if "--resume" not in line and "/ validate" not in line]
+    commands = [shlex.split(line.replace("\\", "")) for line in lines]
+    assert len(commands) >= 5, commands
+    for argv in commands:
+        cfg, _ = config_from_args(build_parser().parse_args(argv))
+        assert cfg["batch_size"] >= 1, argv
 
 
 def test_every_recipe_is_within_the_ranges():

@@ -23,6 +23,7 @@ it off.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import sys
@@ -58,13 +59,24 @@ def _build_name() -> str:
     return "seqvision_fused_" + hashlib.sha1(key).hexdigest()[:10]
 
 
+def _cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported without the "No CUDA runtime is found" warning it logs on import
+    on a CPU-only machine that has a CUDA toolkit: this engine compiles C++ only, so that line is noise."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def _is_cached(name: str) -> bool:
     """Whether torch's extension cache already holds a build of ``name`` (True when that cannot be told: the
     notice below is only a courtesy)."""
     try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        return (Path(_get_build_directory(name, False)) / f"{name}.so").exists()
+        return (Path(_cpp_extension()._get_build_directory(name, False)) / f"{name}.so").exists()
     except Exception:
         return True
 
@@ -83,9 +95,7 @@ def _load() -> ModuleType | None:
             flush=True,
         )
     try:
-        from torch.utils.cpp_extension import load
-
-        load(
+        _cpp_extension().load(
             name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS, is_python_module=False, verbose=False
         )
         _ext = getattr(torch.ops, name)  # the kernels register themselves as torch.ops.<name>.*
