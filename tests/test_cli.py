@@ -2,6 +2,7 @@
 
 import argparse
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,19 @@ def test_every_command_has_help_with_an_example(command, capsys):
         main([command, "--help"])
     assert e.value.code == 0
     assert "example" in capsys.readouterr().out.lower()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_documented_examples_parse(command):
+    # Every `seqvision <command> ...` line of its --help and of the README parses (optional parts written
+    # as "[--json]" dropped); the train examples are also resolved into configs in test_train.
+    parser, _ = get_parser(command)
+    text = parser.format_help() + "\n" + (ROOT / "README.md").read_text()
+    pattern = rf"^\s*(?:torchrun .*?-m )?seqvision {re.escape(command)}(?=\s|$)(.*?)(?:\s+#.*)?$"
+    lines = [line for line in re.findall(pattern, text, re.M) if not line.strip().startswith("/")]
+    assert lines, f"no example of seqvision {command}"
+    for line in lines:
+        parser.parse_args(shlex.split(re.sub(r"\s\[--[^\]]*\]", "", line).replace("\\", "")))
 
 
 def test_main_help_lists_commands(capsys):

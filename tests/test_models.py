@@ -98,6 +98,22 @@ def test_too_small_input_and_wrong_channels_get_clear_errors():
         model(torch.randn(1, 1, 32, 32))
     gray = tiny(in_chans=1)
     assert gray(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+    with pytest.raises(InputError, match="floating-point image tensor, got torch.uint8: scale to"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))  # a decoded image fed as is
+
+
+@pytest.mark.parametrize("engine", ["reference", "traceable", "fused", "auto"])
+def test_empty_batch(engine):
+    # A batch of 0 images (the tail of a filtered stream): timm's port fails in a reshape; every engine here
+    # returns 0 x num_classes and back-propagates.
+    from seqvision import ops
+
+    model = tiny(union="cat")
+    x = torch.randn(0, 3, 28, 42, requires_grad=True)
+    with ops.use_engine(engine):
+        out = model(x)
+        out.sum().backward()
+    assert out.shape == (0, 10) and x.grad.shape == x.shape
 
 
 @pytest.mark.parametrize(

@@ -320,6 +320,11 @@ class Sequencer(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise InputError(f"expected images of shape (batch, {self.in_chans}, height, width), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise InputError(
+                f"expected a floating-point image tensor, got {x.dtype}: scale to [0, 1] and normalise with the "
+                "model's mean / std first (timm.data.resolve_data_config(model=model) gives them)"
+            )
         h, w = x.shape[-2:]
         if h < self.min_input_size or w < self.min_input_size:
             raise InputError(

@@ -39,14 +39,14 @@ def run_vertical(x: Tensor, rnn: nn.RNNBase) -> Tensor:
     """Run ``rnn`` down every column of a B x H x W x C map; returns B x H x W x (dirs * D)."""
     B, H, W, C = x.shape
     v = _call(rnn, x.transpose(1, 2).reshape(B * W, H, C))
-    return v.reshape(B, W, H, -1).transpose(1, 2)
+    return v.reshape(B, W, H, v.shape[-1]).transpose(1, 2)  # not -1: B may be 0
 
 
 def run_horizontal(x: Tensor, rnn: nn.RNNBase) -> Tensor:
     """Run ``rnn`` along every row of a B x H x W x C map; returns B x H x W x (dirs * D)."""
     B, H, W, C = x.shape
     h = _call(rnn, x.reshape(B * H, W, C))
-    return h.reshape(B, H, W, -1)
+    return h.reshape(B, H, W, h.shape[-1])
 
 
 def join(v: Tensor | None, h: Tensor | None, union: str) -> Tensor:
@@ -85,9 +85,10 @@ def _rnn2d_functional(x, weights_v, weights_h, cell, hidden, bidirectional, unio
     v = h = None
     if weights_v:
         v = _run_functional(x.transpose(1, 2).reshape(B * W, H, C), weights_v, cell, hidden, bidirectional)
-        v = v.reshape(B, W, H, -1).transpose(1, 2)
+        v = v.reshape(B, W, H, v.shape[-1]).transpose(1, 2)
     if weights_h:
-        h = _run_functional(x.reshape(B * H, W, C), weights_h, cell, hidden, bidirectional).reshape(B, H, W, -1)
+        h = _run_functional(x.reshape(B * H, W, C), weights_h, cell, hidden, bidirectional)
+        h = h.reshape(B, H, W, h.shape[-1])
     return join(v, h, union).contiguous()
 
 
