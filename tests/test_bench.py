@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,15 @@ def test_split_kernels_fit_the_shared_memory_of_consumer_gpus(capsys):
             assert fits == "NO" and float(shared) > float(limit) == 99, (layout, kernel, shared)
         else:
             assert fits == "yes" and float(shared) <= 99, (layout, kernel, shared)
+
+
+def test_gpu_check_script_command_lines_parse():
+    # benchmarks/gpu_check.sh runs only where a GPU is lent (minutes of device time, rarely): a renamed or
+    # re-typed flag would waste that run, so its bench_gpu.py calls are parsed here with the real parser.
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
+    calls = re.findall(r"benchmarks/bench_gpu\.py((?:[^\n]*\\\n)*[^\n]*)", script)
+    assert len(calls) >= 4, calls
+    for call in calls:
+        words = shlex.split(call.replace("\\\n", " "))
+        args = [w for w in words if not re.match(r"^\d?>", w)]  # drop the redirections
+        benchmark_gpu.build_parser().parse_args([w.replace("$OUT", "/tmp/out") for w in args])
