@@ -288,6 +288,19 @@ def test_build_tools_import_without_cuda_noise(tmp_path):
     assert ours.returncode == 0 and "No CUDA runtime" not in ours.stderr, ours.stderr
 
 
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch built without OpenMP")
+def test_kernels_run_on_torchs_threads():
+    # The step loops split rows across threads with at::parallel_for; built without -fopenmp that ran on one
+    # thread, unnoticed, for five sessions.
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, 2, threads}):
+            torch.set_num_threads(n)
+            assert fused.parallel_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_inference_sees_in_place_weight_changes():
     """No state survives a call: weight changes show in the next inference, also through ``.data`` (which, unlike
     in-place ops under no_grad, does not bump the version counter a cache could watch)."""

@@ -41,7 +41,10 @@ _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "rnn2d.cpp"]
 # -march=native: the gate loop's exp/sigmoid/tanh vectorise to the widest ISA present (AVX-512 here);
 # -fopenmp-simd honours `#pragma omp simd` without a second OpenMP runtime (threads come from ATen's pool).
-_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+# -fopenmp: the kernels' at::parallel_for is an `omp parallel` pragma expanded in our file; without the flag
+# it runs on one thread (see parallel_threads). The extension then binds to torch's own libgomp, already loaded.
+_OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", *_OPENMP]
 
 _ext: ModuleType | None = None
 _load_error: str | None = None
@@ -96,7 +99,12 @@ def _load() -> ModuleType | None:
         )
     try:
         _cpp_extension().load(
-            name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS, is_python_module=False, verbose=False
+            name=name,
+            sources=[str(s) for s in _SOURCES],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=_OPENMP,
+            is_python_module=False,
+            verbose=False,
         )
         _ext = getattr(torch.ops, name)  # the kernels register themselves as torch.ops.<name>.*
     except Exception as e:  # no compiler, no ninja, build error: fall back to the reference path
@@ -118,6 +126,12 @@ def disabled_by_env() -> bool:
 def available() -> bool:
     """Whether the fused engine can run here (builds it on the first call; one warning if that fails)."""
     return not disabled_by_env() and _load() is not None
+
+
+def parallel_threads() -> int:
+    """Threads one parallel region of the compiled kernels runs on (``torch.get_num_threads()`` when the build
+    has OpenMP, 1 when it does not); builds the engine if needed."""
+    return int(_require().parallel_threads())
 
 
 def load_error() -> str | None:
