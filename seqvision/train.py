@@ -995,7 +995,7 @@ class Trainer:
 
         if not fused.available():
             return f"auto (reference: the fused kernel is unavailable, {fused.load_error()})"
-        return "auto (fused C++ kernel for training; oneDNN for LSTM evaluation)"
+        return f"auto (fused C++ kernel, {fused.parallel_threads()} threads)"
 
     def fit(self) -> dict[str, Any]:
         cfg, d = self.cfg, self.dist

@@ -253,7 +253,11 @@ def test_digits_run_learns_and_records(digits_run):
     assert "lr 0.005 is for a global batch of 32" in log and "-> lr 0.005 (linear scaling)" in log
     from seqvision.ops import fused
 
-    resolved = "fused C++ kernel for training" if fused.available() else "reference: the fused kernel is unavailable"
+    resolved = (
+        f"fused C++ kernel, {fused.parallel_threads()} threads"
+        if fused.available()
+        else "reference: the fused kernel is unavailable"
+    )
     assert f"BiLSTM2D engine auto ({resolved}" in log
 
 

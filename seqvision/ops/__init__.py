@@ -7,10 +7,9 @@
   recurrences in lock-step, forward and backward;
 - ``triton``: the persistent Triton kernel for CUDA (``ops/triton_lstm.py``);
 - ``traceable``: the reference computation as one custom op, for torch.export with symbolic H and W;
-- ``auto`` (default): Triton on CUDA where it covers the layer; on the CPU the fused kernel, except for LSTM
-  inference, where oneDNN's nn.LSTM is as fast on the CPUs measured and needs no build (benchmarks/
-  RESULTS.md: fused LSTM training level with oneDNN's or faster at 0.58-0.74x timm's peak memory; GRU and
-  tanh-RNN mixers 1.4-2x oneDNN in inference); the reference path everywhere else.
+- ``auto`` (default): Triton on CUDA where it covers the layer; on the CPU the fused kernel (faster than
+  oneDNN's nn.LSTM in inference and training, at about 0.57x timm's peak training memory: benchmarks/
+  RESULTS.md); the reference path everywhere else.
 
 ``LayerNorm`` (nn.LayerNorm with one-pass Triton forward and backward on CUDA) follows the same engine choice.
 Any engine returns to the reference path for configurations it does not cover (Triton: GRU and tanh-RNN
@@ -30,7 +29,6 @@ from torch import Tensor, nn
 
 from ..errors import EngineUnavailableError
 from .layer_norm import LayerNorm
-from .packing import records_grad
 from .reference import CELL_NAMES, UNIONS, join, rnn2d_reference, rnn2d_traceable, run_horizontal, run_vertical
 
 # "traceable": the reference computation as one custom op, so torch.export keeps H and W symbolic.
@@ -98,13 +96,10 @@ def _triton_impl(x: Tensor):
     return triton_lstm.rnn2d_triton if triton_lstm.available(x) else None
 
 
-def _cpu_auto_fused(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None) -> bool:
-    """auto on the CPU: the fused kernel where autograd records the call (training, input gradients) and for
-    GRU / tanh-RNN inference; oneDNN for LSTM inference."""
+def _cpu_auto_fused(rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None) -> bool:
+    """auto on the CPU: the fused kernel for the cells it has (LSTM, GRU, tanh-RNN), in training and inference."""
     rnns = [r for r in (rnn_v, rnn_h) if r is not None]
-    if any(type(r) not in CELL_NAMES for r in rnns):
-        return False  # e.g. int8 dynamic-quantised RNNs: not the kernel's, and no reason to build it
-    return records_grad(x, rnns) or not any(isinstance(r, nn.LSTM) for r in rnns)
+    return all(type(r) in CELL_NAMES for r in rnns)  # not e.g. int8 dynamic-quantised RNNs: no reason to build
 
 
 def rnn2d(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: str) -> Tensor:
@@ -112,7 +107,7 @@ def rnn2d(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, union: 
     if _engine == "traceable" or (torch.compiler.is_compiling() and _engine == "reference"):
         return rnn2d_traceable(x, rnn_v, rnn_h, union)
     if _engine in ("auto", "triton", "fused"):
-        if _engine == "fused" or (_engine == "auto" and x.device.type == "cpu" and _cpu_auto_fused(x, rnn_v, rnn_h)):
+        if _engine == "fused" or (_engine == "auto" and x.device.type == "cpu" and _cpu_auto_fused(rnn_v, rnn_h)):
             impl = _fused_impl()
         else:
             impl = _triton_impl(x)
