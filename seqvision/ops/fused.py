@@ -40,9 +40,9 @@ from .reference import CELL_NAMES
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "rnn2d.cpp"]
 # -march=native: the gate loop's exp/sigmoid/tanh vectorise to the widest ISA present (AVX-512 here);
-# -fopenmp-simd honours `#pragma omp simd` without a second OpenMP runtime (threads come from ATen's pool).
-# -fopenmp: the kernels' at::parallel_for is an `omp parallel` pragma expanded in our file; without the flag
-# it runs on one thread (see parallel_threads). The extension then binds to torch's own libgomp, already loaded.
+# -fopenmp-simd honours `#pragma omp simd` (also where torch has no OpenMP). -fopenmp: the kernels' threads come
+# from at::parallel_for, an `omp parallel` pragma expanded in our own file, which without the flag runs on one
+# thread (see parallel_threads); the extension then binds to the libgomp torch has already loaded, not a second.
 _OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() else []
 _CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", *_OPENMP]
 
