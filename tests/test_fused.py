@@ -258,6 +258,31 @@ def test_build_failure_warns_once(monkeypatch):
     assert fused.load_error() is not None
 
 
+def test_compiler_without_openmp_gets_a_serial_build(monkeypatch, tmp_path):
+    """Where the compiler refuses -fopenmp (Apple clang), a second build without it still gives the fused
+    engine, with one warning; the two builds have different names in the cache."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(fused, "_ext", None)
+    monkeypatch.setattr(fused, "_load_error", None)
+    monkeypatch.setattr(fused, "_OPENMP", ["-fopenmp"])
+    monkeypatch.setattr(fused, "_CFLAGS", ["-O3", "-fopenmp"])
+    monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    calls = []
+
+    def load(**kwargs):
+        calls.append(kwargs)
+        if "-fopenmp" in kwargs["extra_cflags"]:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+
+    monkeypatch.setattr(cpp, "load", load)
+    with pytest.warns(RuntimeWarning, match="built without OpenMP .*recurrences run on one thread"):
+        assert fused._load() is not None
+    assert fused.load_error() is None
+    assert [c["extra_cflags"] for c in calls] == [["-O3", "-fopenmp"], ["-O3"]]
+    assert [c["extra_ldflags"] for c in calls] == [["-fopenmp"], []] and calls[0]["name"] != calls[1]["name"]
+
+
 @pytest.mark.parametrize("built", [False, True])
 def test_first_build_is_announced(monkeypatch, tmp_path, capsys, built):
     """A build (about 30 s) says so on stderr first; loading the cached build says nothing."""

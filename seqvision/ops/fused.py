@@ -43,6 +43,7 @@ _SOURCES = [_CSRC / "rnn2d.cpp"]
 # -fopenmp-simd honours `#pragma omp simd` (also where torch has no OpenMP). -fopenmp: the kernels' threads come
 # from at::parallel_for, an `omp parallel` pragma expanded in our own file, which without the flag runs on one
 # thread (see parallel_threads); the extension then binds to the libgomp torch has already loaded, not a second.
+# A compiler without OpenMP (Apple clang) gets a second try without it: serial recurrences, still fused.
 _OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() else []
 _CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", *_OPENMP]
 
@@ -50,15 +51,15 @@ _ext: ModuleType | None = None
 _load_error: str | None = None
 
 
-def _build_name() -> str:
-    """Extension name tied to this CPU and torch version: a -march=native build must not run elsewhere."""
+def _build_name(cflags: list[str] | None = None) -> str:
+    """Extension name tied to this CPU, torch version and flags: a -march=native build must not run elsewhere."""
     cpu = ""
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         cpu = platform.processor()
-    key = f"{cpu}|{torch.__version__}|{' '.join(_CFLAGS)}".encode()
+    key = f"{cpu}|{torch.__version__}|{' '.join(_CFLAGS if cflags is None else cflags)}".encode()
     return "seqvision_fused_" + hashlib.sha1(key).hexdigest()[:10]
 
 
@@ -84,12 +85,9 @@ def _is_cached(name: str) -> bool:
         return True
 
 
-def _load() -> ModuleType | None:
-    """Compile (first use only, then cached in torch's extensions dir) and import the C++ kernels."""
-    global _ext, _load_error
-    if _ext is not None or _load_error is not None:
-        return _ext
-    name = _build_name()
+def _build(cflags: list[str]) -> ModuleType:
+    """Compile (or load the cached build of) the kernels with these flags; raises where that fails."""
+    name = _build_name(cflags)
     if not _is_cached(name):
         print(
             "seqvision: compiling the fused CPU BiLSTM2D engine (first use with this CPU and torch; about "
@@ -97,16 +95,36 @@ def _load() -> ModuleType | None:
             file=sys.stderr,
             flush=True,
         )
+    _cpp_extension().load(
+        name=name,
+        sources=[str(s) for s in _SOURCES],
+        extra_cflags=cflags,
+        extra_ldflags=[f for f in cflags if f in _OPENMP],
+        is_python_module=False,
+        verbose=False,
+    )
+    return getattr(torch.ops, name)  # the kernels register themselves as torch.ops.<name>.*
+
+
+def _load() -> ModuleType | None:
+    """Compile (first use only, then cached in torch's extensions dir) and import the C++ kernels."""
+    global _ext, _load_error
+    if _ext is not None or _load_error is not None:
+        return _ext
     try:
-        _cpp_extension().load(
-            name=name,
-            sources=[str(s) for s in _SOURCES],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=_OPENMP,
-            is_python_module=False,
-            verbose=False,
-        )
-        _ext = getattr(torch.ops, name)  # the kernels register themselves as torch.ops.<name>.*
+        try:
+            _ext = _build(_CFLAGS)
+        except Exception as e:
+            if not _OPENMP:
+                raise
+            serial = [f for f in _CFLAGS if f not in _OPENMP]
+            _ext = _build(serial)
+            warnings.warn(
+                f"seqvision: the fused BiLSTM2D engine was built without OpenMP (the compiler refused it: "
+                f"{type(e).__name__}); its recurrences run on one thread",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     except Exception as e:  # no compiler, no ninja, build error: fall back to the reference path
         _load_error = f"{type(e).__name__}: {e}"
         warnings.warn(
