@@ -292,7 +292,7 @@ def test_first_build_is_announced(monkeypatch, tmp_path, capsys, built):
     monkeypatch.setattr(fused, "_load_error", None)
     monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: str(tmp_path))
     if built:
-        (tmp_path / f"{fused._build_name()}.so").write_bytes(b"")
+        (tmp_path / f"{fused._build_name(fused._CFLAGS)}.so").write_bytes(b"")
     monkeypatch.setattr(cpp, "load", lambda **kwargs: None)
     assert fused._load() is not None and fused.load_error() is None
     err = capsys.readouterr().err

@@ -51,7 +51,7 @@ _ext: ModuleType | None = None
 _load_error: str | None = None
 
 
-def _build_name(cflags: list[str] | None = None) -> str:
+def _build_name(cflags: list[str]) -> str:
     """Extension name tied to this CPU, torch version and flags: a -march=native build must not run elsewhere."""
     cpu = ""
     try:
@@ -59,7 +59,7 @@ def _build_name(cflags: list[str] | None = None) -> str:
             cpu = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         cpu = platform.processor()
-    key = f"{cpu}|{torch.__version__}|{' '.join(_CFLAGS if cflags is None else cflags)}".encode()
+    key = f"{cpu}|{torch.__version__}|{' '.join(cflags)}".encode()
     return "seqvision_fused_" + hashlib.sha1(key).hexdigest()[:10]
 
 
