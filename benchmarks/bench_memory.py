@@ -1,11 +1,13 @@
-"""Training step (CPU) with every row in a fresh process: peak memory, time, page faults; seqvision vs timm.
+"""Training step or inference (CPU) with every row in a fresh process: peak memory, time, page faults; seqvision
+vs timm.
 
 `seqvision bench` runs its rows in one process, interleaved, which is right for comparing speed under the same
 machine load but hides what the memory allocator does: one row's freed blocks are reused by the next, and its
 RSS column cannot see what another row left behind. Here every row runs alone, as a user's training run would:
 build the model, run warm-up steps (they allocate the optimiser state), reset the kernel's high-water mark
-(/proc/self/clear_refs), then time `--steps` training steps (forward + backward + AdamW) and read VmHWM (the
-peak resident memory of a steady-state step), the minor page faults and the kernel (system) CPU time per step.
+(/proc/self/clear_refs), then time `--steps` training steps (forward + backward + AdamW; with `--inference`, batched
+forward passes in inference mode) and read VmHWM (the peak resident memory of a steady-state step), the minor
+page faults and the kernel (system) CPU time per step.
 `--rounds` repeats the set of processes, one row after another, so slow spells of a shared machine hit every
 row; times are the fastest and the median step over all rounds.
 
@@ -16,6 +18,7 @@ and is reused), to show how much of a row's time is that.
 
     python benchmarks/bench_memory.py                          # sequencer2d_s, batch 8, 224 px
     python benchmarks/bench_memory.py --model sequencer2d_m --batch 16 --rounds 3 --tuned-malloc
+    python benchmarks/bench_memory.py --inference --batch 32 --rounds 2
 
 Linux only (it reads /proc).
 """
@@ -39,10 +42,10 @@ def _status_mib(field: str) -> float:
 
 
 def measure(
-    row: str, model_name: str, batch: int, img_size: int, steps: int, warmup: int = 2
+    row: str, model_name: str, batch: int, img_size: int, steps: int, warmup: int = 2, train: bool = True
 ) -> dict[str, float | list[float]]:
     """One row, in this process: peak RSS during the timed steps and RSS before them (MiB), each timed step's
-    seconds, and minor page faults and system CPU seconds per step."""
+    seconds, and minor page faults and system CPU seconds per step (training steps, or inference passes)."""
     import resource
     import time
 
@@ -56,8 +59,8 @@ def measure(
         from seqvision import create_model
 
         model, engine = create_model(model_name), row.split()[-1]
-    # The training step `seqvision bench --train` times: fp32 forward, cross-entropy, backward, AdamW.
-    step = _make_step(model, batch, img_size, "fp32", "fp32", True, engine)
+    # The step `seqvision bench` times: fp32 inference, or (--train) forward, cross-entropy, backward, AdamW.
+    step = _make_step(model, batch, img_size, "fp32", "fp32", train, engine)
     for _ in range(max(1, warmup)):
         step()
     before = _status_mib("VmRSS")
@@ -82,6 +85,7 @@ def measure(
 def _row_in_fresh_process(row: str, args: argparse.Namespace) -> dict[str, float | list[float]]:
     cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model, "--batch", str(args.batch)]
     cmd += ["--img-size", str(args.img_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--inference"] if args.inference else []
     env = {**os.environ, **(TUNED_MALLOC if args.tuned_malloc else {})}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     values = out.stdout.split()[-(4 + args.steps) :]  # peak before faults sys step-times...
@@ -97,16 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="sequencer2d_s")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=2, help="timed training steps per process (default: 2)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per process (default: 2)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--rounds", type=int, default=1, help="fresh processes per row, rows taking turns (default: 1)")
     p.add_argument("--tuned-malloc", action="store_true", help=f"run the rows with {' '.join(TUNED_MALLOC)} set")
+    p.add_argument("--inference", action="store_true", help="time inference (forward passes) instead of training")
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: measure one row and print it
     args = p.parse_args(argv)
     if args.steps < 1 or args.rounds < 1:
         p.error("--steps and --rounds must be at least 1")
     if args.row:
-        r = measure(args.row, args.model, args.batch, args.img_size, args.steps, args.warmup)
+        r = measure(args.row, args.model, args.batch, args.img_size, args.steps, args.warmup, not args.inference)
         print(f"{r['peak']:.1f} {r['before']:.1f} {r['faults']:.0f} {r['sys']:.4f} " + " ".join(map(str, r["times"])))
         return 0
     import timm
@@ -116,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     base = "timm" if "timm" in rows else "seqvision reference"
     malloc = "glibc malloc tuned (" + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items()) + ")"
     print(
-        f"{args.model}, {args.img_size} px, batch {args.batch}, training step (fwd + bwd + AdamW), fp32, CPU, "
+        f"{args.model}, {args.img_size} px, batch {args.batch}, "
+        f"{'inference' if args.inference else 'training step (fwd + bwd + AdamW)'}, fp32, CPU, "
         f"{torch.get_num_threads()} threads, each row in a fresh process ({args.rounds} x {args.steps} timed steps), "
         f"{malloc if args.tuned_malloc else 'default glibc malloc'}\n"
     )

@@ -180,6 +180,30 @@ def test_fresh_process_benchmark_runs_each_row_alone():
         assert float(shown.rstrip("x")) == pytest.approx(t / f, abs=rounding)
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_fresh_process_benchmark_of_inference(monkeypatch):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    args = ["--inference", "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "1"]
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "batch 2, inference, fp32, CPU" in r.stdout
+    rows = {row[0]: row for row in _table_rows(r.stdout)[1:]}
+    assert set(rows) == {"seqvision fused", "seqvision reference", "timm"}
+    # What a row process runs: the flag reaches the step it times.
+    spec = importlib.util.spec_from_file_location("bench_memory", script)
+    bench_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_memory)
+    import seqvision.benchmark
+
+    made = []
+    real = seqvision.benchmark._make_step
+    monkeypatch.setattr(seqvision.benchmark, "_make_step", lambda *a: made.append(a[5]) or real(*a))
+    for train in (False, True):
+        result = bench_memory.measure("seqvision fused", "sequencer2d_s", 1, 32, 1, 1, train=train)
+        assert len(result["times"]) == 1 and result["peak"] > 0
+    assert made == [False, True]
+
+
 def test_fresh_process_benchmark_of_a_variant_timm_lacks():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
     args = ["--model", "gru_sequencer2d_s", "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "1"]

@@ -326,6 +326,35 @@ def test_kernels_run_on_torchs_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch_in_chunks_matches_reference(threads):
+    # The forward runs a batch in chunks of images, each projected into one reused workspace; the outputs and
+    # saved gates of every chunk land at the chunk's offset. 64 x 64 maps with D = 32 (8 MiB of projections per
+    # image) make the chunks one or two images, so a batch of 3 ends with a partial chunk.
+    B, H, W, C, D = 3, 64, 64, 4, 32
+    proj_bytes = 4 * 4 * D * 4  # 4 directions x 4 gates x D, fp32
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        chunk = fused.images_per_chunk(B, H, W, proj_bytes)
+        assert 1 <= chunk < B
+        assert fused.images_per_chunk(B, 4, 4, proj_bytes) == B  # small maps: the whole batch at once
+        rv, rh = make_rnns(C, D)
+        x = torch.randn(B, H, W, C, requires_grad=True)
+        ps = params(rv, rh)
+        outs, grads = [], []
+        for fn in (rnn2d_reference, fused.rnn2d_fused):
+            y = fn(x, rv, rh, "cat")
+            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+            outs.append(y.detach())
+            grads.append(torch.autograd.grad((y * g).sum(), [x, *ps]))
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
+    for ref, got in zip(*grads, strict=True):
+        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
 def test_inference_sees_in_place_weight_changes():
     """No state survives a call: weight changes show in the next inference, also through ``.data`` (which, unlike
     in-place ops under no_grad, does not bump the version counter a cache could watch)."""

@@ -344,3 +344,23 @@ def test_torch_export_with_dynamic_batch():
     x = torch.randn(5, 3, 28, 42)
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
+def test_channel_mlp_matches_timms_mlp(mode):
+    # timm's Mlp is the oracle: same parameter names, same output; without autograd GELU runs in place.
+    from timm.layers import Mlp
+
+    from seqvision.models.sequencer import ChannelMlp
+
+    torch.manual_seed(0)
+    ours, theirs = ChannelMlp(8, 24), Mlp(8, 24, act_layer=nn.GELU)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 5, 8)
+    context = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[mode]
+    with context():
+        y = ours(x)
+    torch.testing.assert_close(y, theirs(x).detach(), atol=1e-6, rtol=0)
+    if mode == "grad":  # the autograd path keeps GELU's input for backward
+        y.sum().backward()
+        assert ours.fc1.weight.grad is not None and ours.fc1.weight.grad.abs().sum() > 0

@@ -152,6 +152,12 @@ def parallel_threads() -> int:
     return int(_require().parallel_threads())
 
 
+def images_per_chunk(batch: int, height: int, width: int, proj_bytes_per_token: int) -> int:
+    """Images the forward kernel projects and runs at a time (its workspace holds one chunk's input
+    projections, ``proj_bytes_per_token`` per token); builds the engine if needed."""
+    return int(_require().images_per_chunk(batch, height, width, proj_bytes_per_token))
+
+
 def load_error() -> str | None:
     """Why the build failed, or None."""
     return _load_error
