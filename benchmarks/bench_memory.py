@@ -7,7 +7,9 @@ RSS column cannot see what another row left behind. Here every row runs alone, a
 build the model, run warm-up steps (they allocate the optimiser state), reset the kernel's high-water mark
 (/proc/self/clear_refs), then time `--steps` training steps (forward + backward + AdamW; with `--inference`, batched
 forward passes in inference mode) and read VmHWM (the peak resident memory of a steady-state step), the minor
-page faults and the kernel (system) CPU time per step.
+page faults and the kernel (system) CPU time per step. "Process peak above the built model" is the highest RSS
+the process ever reached, warm-up included, minus its RSS once the model and input existed: all the memory
+running the model cost, including what the allocator kept between steps.
 `--rounds` repeats the set of processes, one row after another, so slow spells of a shared machine hit every
 row; times are the fastest and the median step over all rounds.
 
@@ -61,8 +63,10 @@ def measure(
         model, engine = create_model(model_name), row.split()[-1]
     # The step `seqvision bench` times: fp32 inference, or (--train) forward, cross-entropy, backward, AdamW.
     step = _make_step(model, batch, img_size, "fp32", "fp32", train, engine)
+    built = _status_mib("VmRSS")
     for _ in range(max(1, warmup)):
         step()
+    warmup_peak = _status_mib("VmHWM")
     before = _status_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -76,6 +80,7 @@ def measure(
     return {
         "peak": _status_mib("VmHWM"),
         "before": before,
+        "growth": max(warmup_peak, _status_mib("VmHWM")) - built,
         "times": times,
         "faults": (after.ru_minflt - usage.ru_minflt) / steps,
         "sys": (after.ru_stime - usage.ru_stime) / steps,
@@ -88,9 +93,9 @@ def _row_in_fresh_process(row: str, args: argparse.Namespace) -> dict[str, float
     cmd += ["--inference"] if args.inference else []
     env = {**os.environ, **(TUNED_MALLOC if args.tuned_malloc else {})}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    values = out.stdout.split()[-(4 + args.steps) :]  # peak before faults sys step-times...
-    peak, before, faults, sys_s, *times = (float(v) for v in values)
-    return {"peak": peak, "before": before, "faults": faults, "sys": sys_s, "times": times}
+    values = out.stdout.split()[-(5 + args.steps) :]  # peak before growth faults sys step-times...
+    peak, before, growth, faults, sys_s, *times = (float(v) for v in values)
+    return {"peak": peak, "before": before, "growth": growth, "faults": faults, "sys": sys_s, "times": times}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps and --rounds must be at least 1")
     if args.row:
         r = measure(args.row, args.model, args.batch, args.img_size, args.steps, args.warmup, not args.inference)
-        print(f"{r['peak']:.1f} {r['before']:.1f} {r['faults']:.0f} {r['sys']:.4f} " + " ".join(map(str, r["times"])))
+        print(
+            f"{r['peak']:.1f} {r['before']:.1f} {r['growth']:.1f} {r['faults']:.0f} {r['sys']:.4f} "
+            + " ".join(map(str, r["times"]))
+        )
         return 0
     import timm
     import torch
@@ -134,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             results[row].append(_row_in_fresh_process(row, args))
     print(
         f"| implementation | fastest step (ms) | median step (ms) | speed vs {base} (fastest / median) | "
-        f"peak RSS during a step (MiB) | RSS before (MiB) | peak / {base} | minor page faults per step | "
-        "system CPU s per step |"
+        f"peak RSS during a step (MiB) | RSS before (MiB) | peak / {base} | process peak above the built model "
+        f"(MiB) | that / {base} | minor page faults per step | system CPU s per step |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     summary = {}
     for row, runs in results.items():
         times = [t for r in runs for t in r["times"]]
@@ -146,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "median": statistics.median(times),
             "peak": max(r["peak"] for r in runs),
             "before": max(r["before"] for r in runs),
+            "growth": max(r["growth"] for r in runs),
             "faults": statistics.median(r["faults"] for r in runs),
             "sys": statistics.median(r["sys"] for r in runs),
         }
@@ -154,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {row} | {1e3 * s['fast']:.0f} | {1e3 * s['median']:.0f} | "
             f"{ref['fast'] / s['fast']:.2f}x / {ref['median'] / s['median']:.2f}x | {s['peak']:.0f} | "
-            f"{s['before']:.0f} | {s['peak'] / ref['peak']:.2f}x | {s['faults']:.0f} | {s['sys']:.2f} |"
+            f"{s['before']:.0f} | {s['peak'] / ref['peak']:.2f}x | {s['growth']:.0f} | "
+            f"{s['growth'] / ref['growth']:.2f}x | {s['faults']:.0f} | {s['sys']:.2f} |"
         )
     return 0
 

@@ -169,12 +169,13 @@ def test_fresh_process_benchmark_runs_each_row_alone():
     assert "fresh process (2 x 1 timed steps), glibc malloc tuned (MALLOC_MMAP_MAX_=0" in r.stdout
     rows = {row[0]: row for row in _table_rows(r.stdout)[1:]}
     assert set(rows) == {"seqvision fused", "seqvision reference", "timm"}
-    for _name, fast, median, _speed, peak, before, _ratio, faults, sys_s in rows.values():
+    for _name, fast, median, _speed, peak, before, _ratio, growth, _gratio, faults, sys_s in rows.values():
         assert 0 < float(fast) <= float(median)
         assert float(peak) >= float(before) > 100  # torch alone is more than 100 MiB resident
+        assert 0 < float(growth) < float(peak)  # the steps allocated something; the libraries were there before
         assert float(faults) >= 0 and float(sys_s) >= 0
     timm, fused = rows["timm"], rows["seqvision fused"]
-    assert timm[3] == "1.00x / 1.00x" and timm[6] == "1.00x"
+    assert timm[3] == "1.00x / 1.00x" and timm[6] == "1.00x" and timm[8] == "1.00x"
     for shown, t, f in zip(fused[3].split(" / "), map(float, timm[1:3]), map(float, fused[1:3]), strict=True):
         rounding = t / f * (0.5 / t + 0.5 / f) + 0.005  # the table's ms are whole numbers, its ratios 2 decimals
         assert float(shown.rstrip("x")) == pytest.approx(t / f, abs=rounding)
@@ -200,7 +201,7 @@ def test_fresh_process_benchmark_of_inference(monkeypatch):
     monkeypatch.setattr(seqvision.benchmark, "_make_step", lambda *a: made.append(a[5]) or real(*a))
     for train in (False, True):
         result = bench_memory.measure("seqvision fused", "sequencer2d_s", 1, 32, 1, 1, train=train)
-        assert len(result["times"]) == 1 and result["peak"] > 0
+        assert len(result["times"]) == 1 and result["peak"] > 0 and result["growth"] > 0
     assert made == [False, True]
 
 
@@ -213,6 +214,7 @@ def test_fresh_process_benchmark_of_a_variant_timm_lacks():
     rows = {row[0]: row for row in _table_rows(r.stdout)[1:]}
     assert set(rows) == {"seqvision fused", "seqvision reference"}
     assert rows["seqvision reference"][3] == "1.00x / 1.00x" and rows["seqvision reference"][6] == "1.00x"
+    assert rows["seqvision reference"][8] == "1.00x"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its ptxas)")
