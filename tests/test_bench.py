@@ -201,7 +201,7 @@ def test_fresh_process_benchmark_of_inference(monkeypatch):
     monkeypatch.setattr(seqvision.benchmark, "_make_step", lambda *a: made.append(a[5]) or real(*a))
     for train in (False, True):
         result = bench_memory.measure("seqvision fused", "sequencer2d_s", 1, 32, 1, 1, train=train)
-        assert len(result["times"]) == 1 and result["peak"] > 0 and result["growth"] > 0
+        assert len(result["times"]) == 1 and result["peak"] > 0 and result["growth"] >= 0
     assert made == [False, True]
 
 
