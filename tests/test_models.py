@@ -5,6 +5,7 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import seqvision
@@ -358,9 +359,13 @@ def test_channel_mlp_matches_timms_mlp(mode):
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 5, 8)
     context = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[mode]
+    seen = []
+    ours.fc1.register_forward_hook(lambda _m, _i, out: seen.append(out))
     with context():
         y = ours(x)
     torch.testing.assert_close(y, theirs(x).detach(), atol=1e-6, rtol=0)
+    pre = theirs.fc1(x).detach()  # fc1's output: overwritten by GELU only where autograd is off
+    torch.testing.assert_close(seen[0].detach(), pre if mode == "grad" else F.gelu(pre), atol=1e-6, rtol=0)
     if mode == "grad":  # the autograd path keeps GELU's input for backward
         y.sum().backward()
         assert ours.fc1.weight.grad is not None and ours.fc1.weight.grad.abs().sum() > 0

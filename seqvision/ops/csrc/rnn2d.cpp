@@ -481,9 +481,9 @@ void rnn_backward_impl(const Grid& g, int64_t D, const T* grad_out, const typena
 
 // ---------------------------------------------------------------------------------------------------------
 // Workspace for the input projections of one chunk of images (below), reused across calls (one per calling
-// thread, grow-only: it keeps the largest chunk seen, 6 MB at stage 1 of S on 2 threads). Re-use avoids the page faults and zeroing of a
-// fresh multi-MB allocation per call; 2 MiB pages (madvise) reduce the TLB misses of the strided row reads (the
-// horizontal directions read rows a whole image row apart).
+// thread, grow-only: it keeps the largest chunk seen, 6 MB at stage 1 of S on 2 threads). Re-use avoids the page
+// faults and zeroing of a fresh multi-MB allocation per call; 2 MiB pages (madvise) reduce the TLB misses of the
+// strided row reads (the horizontal directions read rows a whole image row apart).
 struct Workspace {
   void* ptr = nullptr;
   size_t bytes = 0;
@@ -581,11 +581,12 @@ std::vector<at::Tensor> rnn2d_forward(const at::Tensor& x_, const at::Tensor& w_
       dispatch_cell(cell, [&](auto k) {
         constexpr int K = decltype(k)::value;
         const acc* bhn = K == kGRU ? bias_hn.data_ptr<acc>() : nullptr;
-        scalar_t* o = out.data_ptr<scalar_t>() + tok0 * nd * D;
+        scalar_t* o = out.data_ptr<scalar_t>() + tok0 * nd * D;  // the chunk's rows of every output
         if (save) {
+          acc* gs = gates.data_ptr<acc>() + tok0 * nd * kSaved[K] * D;
+          acc* cs = K == kLSTM ? cells.data_ptr<acc>() + tok0 * nd * D : nullptr;
           rnn_forward_impl<scalar_t, K, true>(g, D, xproj.data_ptr<scalar_t>(), bias.data_ptr<acc>(), bhn,
-                                              w_hh_acc.data_ptr<acc>(), o, gates.data_ptr<acc>() + tok0 * nd * kSaved[K] * D,
-                                              K == kLSTM ? cells.data_ptr<acc>() + tok0 * nd * D : nullptr);
+                                              w_hh_acc.data_ptr<acc>(), o, gs, cs);
         } else {
           rnn_forward_impl<scalar_t, K, false>(g, D, xproj.data_ptr<scalar_t>(), bias.data_ptr<acc>(), bhn,
                                                w_hh_acc.data_ptr<acc>(), o, nullptr, nullptr);
