@@ -43,6 +43,12 @@ def _status_mib(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
+def _reset_peak() -> None:
+    """Reset VmHWM to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def measure(
     row: str, model_name: str, batch: int, img_size: int, steps: int, warmup: int = 2, train: bool = True
 ) -> dict[str, float | list[float]]:
@@ -64,14 +70,12 @@ def measure(
     # The step `seqvision bench` times: fp32 inference, or (--train) forward, cross-entropy, backward, AdamW.
     step = _make_step(model, batch, img_size, "fp32", "fp32", train, engine)
     built = _status_mib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM from here: the peaks of building the model are not the steps'
+    _reset_peak()  # the peaks of building the model are not the steps'
     for _ in range(max(1, warmup)):
         step()
     warmup_peak = _status_mib("VmHWM")
     before = _status_mib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    _reset_peak()
     times = []
     usage = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):

@@ -5,6 +5,7 @@ Tiny shapes throughout; the one-time C++ build (~30-60 s, cached afterwards) is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -112,14 +113,26 @@ def test_grads_match_reference_fp32(shape, union, bidirectional, cell):
     B, H, W, C, D = shape
     rv, rh = make_rnns(C, D, union, bidirectional, cell=cell)
     x = torch.randn(B, H, W, C, requires_grad=True)
-    ps = params(rv, rh)
-    grads = []
-    for fn in (rnn2d_reference, fused.rnn2d_fused):
-        y = fn(x, rv, rh, union)
-        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-        grads.append(torch.autograd.grad((y * g).sum(), [x, *ps]))
-    for ref, got in zip(*grads, strict=True):
+    (_, ref_grads), (_, grads) = (output_and_grads(fn, x, rv, rh, union) for fn in (rnn2d_reference, fused.rnn2d_fused))
+    for ref, got in zip(ref_grads, grads, strict=True):
         assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def output_and_grads(fn, x, rv, rh, union):
+    """``fn``'s output and the gradients (x, then every RNN parameter) of a fixed random projection of it."""
+    y = fn(x, rv, rh, union)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    return y.detach(), torch.autograd.grad((y * g).sum(), [x, *params(rv, rh)])
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -317,13 +330,9 @@ def test_build_tools_import_without_cuda_noise(tmp_path):
 def test_kernels_run_on_torchs_threads():
     # The step loops split rows across threads with at::parallel_for; built without -fopenmp that ran on one
     # thread, unnoticed, for five sessions.
-    threads = torch.get_num_threads()
-    try:
-        for n in sorted({1, 2, threads}):
-            torch.set_num_threads(n)
+    for n in sorted({1, 2, torch.get_num_threads()}):
+        with num_threads(n):
             assert fused.parallel_threads() == n
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -333,25 +342,17 @@ def test_batch_in_chunks_matches_reference(threads):
     # image) make the chunks one or two images, so a batch of 3 ends with a partial chunk.
     B, H, W, C, D = 3, 64, 64, 4, 32
     proj_bytes = 4 * 4 * D * 4  # 4 directions x 4 gates x D, fp32
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         chunk = fused.images_per_chunk(B, H, W, proj_bytes)
         assert 1 <= chunk < B
         assert fused.images_per_chunk(B, 4, 4, proj_bytes) == B  # small maps: the whole batch at once
         rv, rh = make_rnns(C, D)
         x = torch.randn(B, H, W, C, requires_grad=True)
-        ps = params(rv, rh)
-        outs, grads = [], []
-        for fn in (rnn2d_reference, fused.rnn2d_fused):
-            y = fn(x, rv, rh, "cat")
-            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-            outs.append(y.detach())
-            grads.append(torch.autograd.grad((y * g).sum(), [x, *ps]))
-    finally:
-        torch.set_num_threads(previous)
-    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
-    for ref, got in zip(*grads, strict=True):
+        (ref_out, ref_grads), (out, grads) = (
+            output_and_grads(fn, x, rv, rh, "cat") for fn in (rnn2d_reference, fused.rnn2d_fused)
+        )
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    for ref, got in zip(ref_grads, grads, strict=True):
         assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 

@@ -139,7 +139,7 @@ class ChannelMlp(nn.Module):
         h = self.fc1(x)
         # Without autograd nothing needs GELU's input, so it is overwritten: one hidden-size tensor (3x the
         # block's) less at the inference peak, -100 MB at batch 32 (benchmarks/RESULTS.md).
-        h = self.act(h) if torch.is_grad_enabled() else torch.ops.aten.gelu_(h)
+        h = self.act(h) if torch.is_grad_enabled() else torch.ops.aten.gelu_(h, approximate=self.act.approximate)
         return self.fc2(h)
 
 
