@@ -117,6 +117,8 @@ def test_gpu_table_compares_with_timm_eager_when_compiled_rows_follow():
     assert [r[3] for r in _table_rows(table)[1:]] == ["1.00x", "1.50x", "2.00x", "3.00x"]
     only_compiled = benchmark_gpu.format_table(rows[2:])  # a --compile run: its own timm row is the baseline
     assert [r[3] for r in _table_rows(only_compiled)[1:]] == ["1.00x", "1.50x"]
+    alone = benchmark_gpu.format_table(rows[1:2])  # a profile run of seqvision alone: no timm row to compare with
+    assert [r[3] for r in _table_rows(alone)[1:]] == ["no baseline"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter)")

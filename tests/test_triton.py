@@ -399,8 +399,9 @@ def kernel_failure_falls_back_with_one_warning(device: str) -> None:
                 assert triton_lstm.rnn2d_triton(x, rv, rh, "cat") is None  # remembered: not tried again
                 with ops.use_engine("triton"):
                     y = ops.rnn2d(x, rv, rh, "cat")
-                torch.testing.assert_close(ours(x), ref(x), atol=0, rtol=0)
-                ours(x)
+                with torch.no_grad():  # ops.LayerNorm tries Triton only where autograd records nothing
+                    torch.testing.assert_close(ours(x), ref(x), atol=0, rtol=0)
+                    ours(x)
             messages = [str(w.message) for w in caught]
             assert len(messages) == 2, messages
             assert "BiLSTM2D" in messages[0] and "shared memory" in messages[0], messages
@@ -450,7 +451,8 @@ def next_candidate_when_the_first_cannot_run(device: str) -> None:
                 warnings.simplefilter("always")
                 _compare((2, 3, 4, 6), D=20, device=device)
             assert not [w for w in caught if "seqvision" in str(w.message)], [str(w.message) for w in caught]
-            chosen = triton_lstm._config(20, torch.float32, torch.device(device))
+            here = torch.empty(0, device=device).device  # "cuda:0", as the launcher keys it, not "cuda"
+            chosen = triton_lstm._config(20, torch.float32, here)
             assert (chosen["BLOCK_A"], chosen["BLOCK_B"]) == (16, 16), chosen
             assert launched and set(launched) == {16}
 
@@ -460,7 +462,7 @@ def next_candidate_when_the_first_cannot_run(device: str) -> None:
             y, gates, c = rnn2d_triton_op(gx, w, [0, 1, 2, 3], True)
             triton_lstm._CHOSEN.clear()
             rnn2d_triton_backward_op(torch.ones_like(y), gates, c, y, w, [0, 1, 2, 3])
-            assert triton_lstm._config(20, torch.float32, torch.device(device))["BLOCK_B"] == 16
+            assert triton_lstm._config(20, torch.float32, here)["BLOCK_B"] == 16
 
             # A GPU where no candidate fits (as in a graph traced before any eager call): one clear error.
             from seqvision.errors import EngineUnavailableError
@@ -491,7 +493,8 @@ def _layer_norm_pair(C: int, device: str) -> tuple[nn.Module, nn.Module]:
 
 @check
 def layer_norm_one_pass(device: str) -> None:
-    """ops.LayerNorm's Triton forward (+ ATen backward) against nn.LayerNorm: fp32, autocast, odd sizes."""
+    """ops.LayerNorm's Triton forward where autograd records nothing, and ``layer_norm_triton`` (forward and
+    Triton backward), against nn.LayerNorm: fp32, autocast, odd sizes."""
     from seqvision import ops
     from seqvision.ops import layer_norm
 
@@ -503,7 +506,10 @@ def layer_norm_one_pass(device: str) -> None:
         for shape in ((2, 3, 5, 6), (37, 20), (2, 4, 3, 48)):  # C = 6 / 20 padded; 37 rows: a partial block
             ours, ref = _layer_norm_pair(shape[-1], device)
             x = torch.randn(*shape, device=device, requires_grad=True)
-            y, want = ours(x), ref(x)
+            with torch.no_grad():
+                torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+            assert {shape} <= set(calls), "the module did not take the Triton path with autograd off"
+            y, want = layer_norm.layer_norm_triton(x, ours.weight, ours.bias, ours.eps), ref(x)
             torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
             g = torch.randn_like(want)
             got = torch.autograd.grad(y, [x, ours.weight, ours.bias], g)
@@ -512,12 +518,11 @@ def layer_norm_one_pass(device: str) -> None:
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     finally:
         layer_norm.layer_norm_triton_op = original
-    assert {(2, 3, 5, 6), (37, 20), (2, 4, 3, 48)} <= set(calls), "the Triton path was not taken"
 
     # Under autocast the output comes out in the autocast dtype: nn.LayerNorm's fp32 output, rounded.
     ours, ref = _layer_norm_pair(20, device)
     x = torch.randn(4, 3, 5, 20, device=device).transpose(1, 2)  # non-contiguous input
-    with torch.autocast(device, dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16), torch.no_grad():
         y, want = ours(x), ref(x)
         with ops.use_engine("reference"):
             plain = ours(x)
@@ -529,7 +534,7 @@ def layer_norm_one_pass(device: str) -> None:
     # (bf16-valued) input and output gradient: the math is fp32 throughout, only y and dx are rounded to bf16.
     xb = torch.randn(2, 3, 4, 20, device=device).bfloat16().requires_grad_()
     with torch.autocast(device, dtype=torch.bfloat16):
-        y = ours(xb)
+        y = layer_norm.layer_norm_triton(xb, ours.weight, ours.bias, ours.eps)
     xf = xb.detach().float().requires_grad_()
     want = ref(xf)
     assert y.dtype == xb.dtype == torch.bfloat16
@@ -545,7 +550,7 @@ def layer_norm_one_pass(device: str) -> None:
     # A bf16 model without autocast (bf16 parameters too): forward and backward, against fp32 on the same values.
     ours16 = copy.deepcopy(ours).bfloat16()
     xb = torch.randn(3, 4, 20, device=device).bfloat16().requires_grad_()
-    y = ours16(xb)
+    y = layer_norm.layer_norm_triton(xb, ours16.weight, ours16.bias, ours16.eps)
     xf = xb.detach().float().requires_grad_()
     want = ref(xf)
     assert y.dtype == torch.bfloat16
@@ -563,26 +568,32 @@ def layer_norm_one_pass(device: str) -> None:
 
 @check
 def layer_norm_backward_in_triton(device: str) -> None:
-    """ops.LayerNorm's backward runs its Triton kernel: several programs, each over several row blocks, the last
-    one partial; dx, dw, db against nn.LayerNorm's (fp32), and the op's registration (opcheck)."""
+    """``layer_norm_triton``'s backward runs its Triton kernel: several programs, each over several row blocks, the
+    last one partial; dx, dw, db against nn.LayerNorm's (fp32), and the op's registration (opcheck). While autograd
+    records, ops.LayerNorm is nn.LayerNorm, bit for bit (ATen's backward trains faster)."""
     from seqvision.ops import layer_norm
 
     torch.manual_seed(0)
     ours, ref = _layer_norm_pair(20, device)
     x = torch.randn(1000, 20, device=device, requires_grad=True)  # 16 blocks of 64 rows, 4 programs (interpreter)
-    calls = []
-    original = layer_norm.layer_norm_triton_backward_op
-    layer_norm.layer_norm_triton_backward_op = lambda *a: calls.append(1) or original(*a)
+    calls, forward_calls = [], []
+    originals = layer_norm.layer_norm_triton_backward_op, layer_norm.layer_norm_triton_op
+    layer_norm.layer_norm_triton_backward_op = lambda *a: calls.append(1) or originals[0](*a)
     try:
-        y, want = ours(x), ref(x)
+        y, want = layer_norm.layer_norm_triton(x, ours.weight, ours.bias, ours.eps), ref(x)
         g = torch.randn_like(want)
         got = torch.autograd.grad(y, [x, ours.weight, ours.bias], g)
+        assert calls, "the backward did not run the Triton kernel"  # (a first use's trial launch may add a call)
+        layer_norm.layer_norm_triton_op = lambda *a: forward_calls.append(1) or originals[1](*a)
+        module_grads = torch.autograd.grad(ours(x), [x, ours.weight, ours.bias], g)
     finally:
-        layer_norm.layer_norm_triton_backward_op = original
-    assert calls, "the backward did not run the Triton kernel"  # (a first use's trial launch may add a call)
+        layer_norm.layer_norm_triton_backward_op, layer_norm.layer_norm_triton_op = originals
+    assert forward_calls == [], "ops.LayerNorm took the Triton path while autograd was recording"
     exp = torch.autograd.grad(want, [x, ref.weight, ref.bias], g)
     for a, b in zip(got, exp, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(module_grads, exp, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
     _, mean, rstd = layer_norm.layer_norm_triton_op(x.detach(), ours.weight, ours.bias, 1e-6, torch.float32)
     args = (g, x.detach(), ours.weight.detach(), mean, rstd)
@@ -604,7 +615,8 @@ def layer_norm_switched_off_by_environment(device: str) -> None:
         torch.testing.assert_close(ours(x), ref(x), atol=0, rtol=0)
         assert calls == []
         os.environ["SEQVISION_NO_TRITON_LAYERNORM"] = "0"
-        ours(x)
+        with torch.no_grad():
+            ours(x)
         assert calls, "the Triton path was not taken with the switch at 0"  # (a first use's trial launch too)
     finally:
         os.environ.pop("SEQVISION_NO_TRITON_LAYERNORM", None)
