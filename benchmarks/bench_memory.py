@@ -33,6 +33,8 @@ import statistics
 import subprocess
 import sys
 
+from seqvision.cli import non_negative_int, positive_int
+
 ROWS = ("seqvision fused", "seqvision reference", "timm")
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 
@@ -110,17 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         epilog="example: python benchmarks/bench_memory.py --model sequencer2d_s --batch 8 --rounds 2 --tuned-malloc",
     )
     p.add_argument("--model", default="sequencer2d_s")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per process (default: 2)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
-    p.add_argument("--rounds", type=int, default=1, help="fresh processes per row, rows taking turns (default: 1)")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--img-size", type=positive_int, default=224)
+    p.add_argument("--steps", type=positive_int, default=2, help="timed steps per process (default: 2)")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument(
+        "--rounds", type=positive_int, default=1, help="fresh processes per row, rows taking turns (default: 1)"
+    )
     p.add_argument("--tuned-malloc", action="store_true", help=f"run the rows with {' '.join(TUNED_MALLOC)} set")
     p.add_argument("--inference", action="store_true", help="time inference (forward passes) instead of training")
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: measure one row and print it
     args = p.parse_args(argv)
-    if args.steps < 1 or args.rounds < 1:
-        p.error("--steps and --rounds must be at least 1")
     if args.row:
         r = measure(args.row, args.model, args.batch, args.img_size, args.steps, args.warmup, not args.inference)
         print(

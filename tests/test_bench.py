@@ -207,6 +207,19 @@ def test_fresh_process_benchmark_of_inference(monkeypatch):
     assert made == [False, True]
 
 
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--rounds", "-1"), ("--batch", "0"), ("--warmup", "-2")])
+def test_fresh_process_benchmark_refuses_bad_counts(flag, value, capsys):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", script)
+    bench_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_memory)
+    with pytest.raises(SystemExit) as exit_:
+        bench_memory.main([flag, value])
+    out = capsys.readouterr()
+    assert exit_.value.code == 2 and out.out == ""
+    assert f"argument {flag}: must be an integer of" in out.err, out.err
+
+
 def test_fresh_process_benchmark_of_a_variant_timm_lacks():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
     args = ["--model", "gru_sequencer2d_s", "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "1"]
