@@ -431,6 +431,59 @@ def test_engine_from_environment(value, expected):
     assert r.stdout.split()[-1] == expected
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_built_blocks_pack_weights_without_copying(cell, tmp_path):
+    """A block built by the model lays its RNN weights back to back (share_storage), so at inference
+    packed_weights views them instead of copying; with gradients recorded, after a deepcopy or .double() it
+    copies. Names, shapes, values and the fused output are the same either way."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    from seqvision.models.sequencer import BiLSTM2D
+    from seqvision.ops.packing import packed_weights
+
+    torch.manual_seed(0)
+    block = BiLSTM2D(6, 4, cell=cell)
+    rnns = [block.rnn_v, block.rnn_h]
+    plain = {k: v.shape for k, v in BiLSTM2D(6, 4, cell=cell).state_dict().items()}
+    assert {k: v.shape for k, v in block.state_dict().items()} == plain  # timm's names and shapes
+    first_ih, first_hh = block.rnn_v.weight_ih_l0, block.rnn_v.weight_hh_l0
+
+    def packed(rnns, dtype=torch.float32):
+        w_ih, _, w_hh = packed_weights(rnns, dtype, dtype)
+        return w_ih, w_hh
+
+    copied = [t.detach() for t in packed(rnns)]  # grad mode: a differentiable copy
+    assert copied[0].data_ptr() != first_ih.data_ptr()
+    with torch.no_grad():
+        w_ih, w_hh = packed(rnns)
+    assert w_ih.data_ptr() == first_ih.data_ptr() and w_hh.data_ptr() == first_hh.data_ptr()  # views: no copy
+    assert torch.equal(w_ih, copied[0]) and torch.equal(w_hh, copied[1])
+    # An update that bumps no version counter (through .data) is seen at once: nothing stale is kept.
+    last = block.rnn_h.weight_ih_l0_reverse
+    last.data.add_(1.0)
+    with torch.no_grad():
+        assert torch.equal(packed(rnns)[0][-last.shape[0] :], last)
+
+    x = torch.randn(2, 3, 5, 6)
+    clone = copy.deepcopy(block)  # deepcopy clones each parameter: the copy path
+    with torch.no_grad():
+        assert packed([clone.rnn_v, clone.rnn_h])[0].data_ptr() != clone.rnn_v.weight_ih_l0.data_ptr()
+        assert torch.equal(fused.rnn2d_fused(x, *rnns, "cat"), fused.rnn2d_fused(x, clone.rnn_v, clone.rnn_h, "cat"))
+        doubled = copy.deepcopy(block).double()
+        w64 = packed([doubled.rnn_v, doubled.rnn_h], torch.float64)[0]
+        assert w64.dtype == torch.float64 and torch.equal(w64, w_ih.double())
+
+    # Saving and loading keep the values and the layout (load_state_dict copies into the shared memory).
+    save_file(block.state_dict(), tmp_path / "block.safetensors")
+    fresh = BiLSTM2D(6, 4, cell=cell)
+    fresh.load_state_dict(load_file(tmp_path / "block.safetensors"))
+    with torch.no_grad():
+        w_ih2 = packed([fresh.rnn_v, fresh.rnn_h])[0]
+    assert w_ih2.data_ptr() == fresh.rnn_v.weight_ih_l0.data_ptr() and torch.equal(w_ih2, w_ih)
+
+
 def test_packed_weights_layout_and_dtypes():
     """The packing both engines share: directions in output order, biases summed in fp32 before a bf16 cast,
     differentiable to every parameter."""

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..errors import InputError
+from ..ops.packing import share_storage
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 # The blocks' norms: nn.LayerNorm, except on the GPU engine, where each is one Triton pass (ops/layer_norm.py).
@@ -97,6 +98,7 @@ class BiLSTM2D(nn.Module):
         rnn_out = hidden_size * (2 if bidirectional else 1)
         self.rnn_v = _make_rnn(cell, dim, hidden_size, bidirectional) if union != "horizontal" else None
         self.rnn_h = _make_rnn(cell, dim, hidden_size, bidirectional) if union != "vertical" else None
+        share_storage([r for r in (self.rnn_v, self.rnn_h) if r is not None])  # the fused engine reads it uncopied
         out = 2 * rnn_out if union == "cat" else rnn_out
         if with_fc:
             self.fc = nn.Linear(out, dim)
@@ -116,6 +118,7 @@ class BiLSTM1D(nn.Module):
     def __init__(self, dim: int, hidden_size: int, cell: str = "lstm", bidirectional: bool = True):
         super().__init__()
         self.rnn = _make_rnn(cell, dim, hidden_size, bidirectional)
+        share_storage([self.rnn])
         if hidden_size * (2 if bidirectional else 1) != dim:
             raise ValueError(f"the vanilla Sequencer needs RNN output == width ({dim})")
 
