@@ -9,11 +9,11 @@ Copying the weights into that layout on every call cost 4.2-9.1 ms per Sequencer
 (44 MB through memory, all 18 blocks), 2-5% of a batch-1 inference. So the model lays each block's weight_ih and
 weight_hh back to back in memory when it builds the block (``share_storage``: every parameter becomes a view of
 one tensor, with its own name, shape and value), and where autograd records nothing ``packed_weights`` returns
-views of that memory instead of copies. Wherever the parameters do not lie that way (after ``.to(dtype)``, on a
-GPU, in a model built elsewhere) or gradients are recorded, it concatenates as before. A cache of packed copies
-was tried earlier and removed: it can only see weight changes that bump the parameters' version counters, and
-in-place updates through ``.data`` (old-style optimizers, hand-written EMA) do not, so it could serve stale
-weights. Views cannot: they are the parameters' memory.
+views of that memory instead of copies. Wherever the parameters do not lie that way (after ``.to(dtype)`` or a
+deepcopy, on a GPU, in a model built elsewhere) or gradients are recorded, it concatenates as before. A cache
+of packed copies was tried earlier and removed: it can only see weight changes that bump the parameters' version
+counters, and in-place updates through ``.data`` (old-style optimizers, hand-written EMA) do not, so it could
+serve stale weights. Views cannot: they are the parameters' memory.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _back_to_back(params: list[Tensor], dtype: torch.dtype) -> Tensor | None:
     first = params[0]
     storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
     for p in params:
-        if p.dtype != dtype or p.shape[1:] != first.shape[1:] or not p.is_contiguous():
+        if p.dtype != dtype or p.device != first.device or p.shape[1:] != first.shape[1:] or not p.is_contiguous():
             return None
         if p.untyped_storage().data_ptr() != storage or p.storage_offset() != offset:
             return None
