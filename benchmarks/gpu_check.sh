@@ -46,9 +46,9 @@ SEQVISION_TRITON_TUNE=$TUNE timeout 200 $PY benchmarks/bench_gpu.py \
 echo "model bench rc $?"
 sed -n '/^| model/,$p' "$OUT/model_s.log"
 
-step "A/B in one process: the same model with nn.LayerNorm instead of the Triton LayerNorm"
+step "A/B: nn.LayerNorm instead of the Triton LayerNorm (inference only: training uses nn.LayerNorm anyway)"
 SEQVISION_TRITON_TUNE=$TUNE SEQVISION_NO_TRITON_LAYERNORM=1 timeout 120 $PY benchmarks/bench_gpu.py \
-    --models seqvision:sequencer2d_s timm:sequencer2d_s --warmup 3 --iters 10 >"$SCRATCH/ln_off.log" 2>&1
+    --models seqvision:sequencer2d_s timm:sequencer2d_s --modes infer --warmup 3 --iters 10 >"$SCRATCH/ln_off.log" 2>&1
 echo "LayerNorm off rc $?"
 grep -E "img/s" "$SCRATCH/ln_off.log"
 
