@@ -9,6 +9,7 @@ with symbolic shapes. Either way the exported model is run at two image sizes an
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -59,8 +60,10 @@ def export_program(model: nn.Module, path: str | os.PathLike, img_size: int) -> 
     dims = {0: Dim("batch", min=1, max=4096), 2: Dim("height", min=min_side, max=8192),
             3: Dim("width", min=min_side, max=8192)}  # fmt: skip
     example = torch.randn(2, getattr(model, "in_chans", 3), max(img_size, min_side), max(img_size, min_side))
+    # A deepcopy gives every parameter its own memory: the model's RNN weights share storage (ops/packing.py), which
+    # torch.export.save would stitch back together with a warning about non-CPU weights.
     with ops.use_engine("traceable"), torch.no_grad():
-        program = export(model, (example,), dynamic_shapes=(dims,))
+        program = export(copy.deepcopy(model), (example,), dynamic_shapes=(dims,))
     return atomic_write(path, lambda tmp: torch.export.save(program, tmp))
 
 

@@ -98,6 +98,8 @@ def test_onnx_export_dynamic_sizes(tmp_path, kw):
     assert max(r["max_abs_diff"] for r in report) < 1e-4
 
 
+# The saved program has plain weights: torch.export.save warns when parameters share storage.
+@pytest.mark.filterwarnings("error:No complete tensor:UserWarning")
 def test_torch_export_dynamic_sizes_and_vanilla(tmp_path):
     model = random_model()
     out = export_program(model, tmp_path / "m.pt2", 56)
@@ -126,6 +128,8 @@ def test_traceable_engine_matches_reference():
         torch.testing.assert_close(y, model(x))
 
 
+# The saved program has plain weights: torch.export.save warns when parameters share storage.
+@pytest.mark.filterwarnings("error:No complete tensor:UserWarning")
 def test_export_command_both_formats(checkpoint, tmp_path, capsys):
     path, _ = checkpoint
     assert main(["export", "--format", "onnx", "--checkpoint", str(path), str(tmp_path / "a.onnx")]) == 0
