@@ -18,6 +18,16 @@ import torch
 from seqvision import benchmark_gpu
 from seqvision.cli import main
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script_module(name: str):
+    """A script of benchmarks/ imported as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def _table_rows(text: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if re.match(r"\| \w", line)]
@@ -164,7 +174,7 @@ def test_cpu_has_bf16_matches_the_cpu_flags():
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_fresh_process_benchmark_runs_each_row_alone():
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    script = BENCHMARKS / "bench_memory.py"
     args = ["--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "1", "--rounds", "2", "--tuned-malloc"]
     r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -185,7 +195,7 @@ def test_fresh_process_benchmark_runs_each_row_alone():
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_fresh_process_benchmark_of_inference(monkeypatch):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    script = BENCHMARKS / "bench_memory.py"
     args = ["--inference", "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "1"]
     r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -193,9 +203,7 @@ def test_fresh_process_benchmark_of_inference(monkeypatch):
     rows = {row[0]: row for row in _table_rows(r.stdout)[1:]}
     assert set(rows) == {"seqvision fused", "seqvision reference", "timm"}
     # What a row process runs: the flag reaches the step it times.
-    spec = importlib.util.spec_from_file_location("bench_memory", script)
-    bench_memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_memory)
+    bench_memory = _script_module("bench_memory")
     import seqvision.benchmark
 
     made = []
@@ -209,19 +217,15 @@ def test_fresh_process_benchmark_of_inference(monkeypatch):
 
 @pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--rounds", "-1"), ("--batch", "0"), ("--warmup", "-2")])
 def test_fresh_process_benchmark_refuses_bad_counts(flag, value, capsys):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
-    spec = importlib.util.spec_from_file_location("bench_memory", script)
-    bench_memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_memory)
     with pytest.raises(SystemExit) as exit_:
-        bench_memory.main([flag, value])
+        _script_module("bench_memory").main([flag, value])
     out = capsys.readouterr()
     assert exit_.value.code == 2 and out.out == ""
     assert f"argument {flag}: must be an integer of" in out.err, out.err
 
 
 def test_fresh_process_benchmark_of_a_variant_timm_lacks():
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    script = BENCHMARKS / "bench_memory.py"
     args = ["--model", "gru_sequencer2d_s", "--img-size", "32", "--batch", "2", "--steps", "1", "--warmup", "1"]
     r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -236,13 +240,7 @@ def test_fresh_process_benchmark_of_a_variant_timm_lacks():
 def test_split_kernels_fit_the_shared_memory_of_consumer_gpus(capsys):
     """Compiled for an RTX 40xx (sm_89, 99 KiB per block) without a GPU: at D = 96 the one-piece kernels need more
     shared memory than that, the split ones (what the engine falls back to there) less."""
-    import importlib.util as iu
-
-    path = Path(__file__).parent.parent / "benchmarks" / "triton_resources.py"
-    spec = iu.spec_from_file_location("triton_resources", path)
-    module = iu.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--sm", "89", "--layout", "D=96"]) == 0
+    assert _script_module("triton_resources").main(["--sm", "89", "--layout", "D=96"]) == 0
     rows = [r for r in _table_rows(capsys.readouterr().out) if r[0].startswith("RTX 40xx")]
     assert len(rows) == 4, rows
     for _gpu, layout, kernel, _regs, _spilled, shared, limit, fits in rows:
@@ -255,7 +253,7 @@ def test_split_kernels_fit_the_shared_memory_of_consumer_gpus(capsys):
 def test_gpu_check_script_command_lines_parse():
     # benchmarks/gpu_check.sh runs only where a GPU is lent (minutes of device time, rarely): a renamed or
     # re-typed flag would waste that run, so its bench_gpu.py calls are parsed here with the real parser.
-    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
+    script = (BENCHMARKS / "gpu_check.sh").read_text()
     calls = re.findall(r"benchmarks/bench_gpu\.py((?:[^\n]*\\\n)*[^\n]*)", script)
     assert len(calls) >= 4, calls
     for call in calls:
