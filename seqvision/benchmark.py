@@ -10,6 +10,10 @@ FLOPs per image are 2 x the multiply-adds counted with the LSTM products include
 bf16 is measured both under CPU autocast ("autocast") and with the model cast to bf16 ("bf16 weights").
 All rows are timed in interleaved rounds (one step of every row per round) and each row's fastest round is
 reported, so load from other processes disturbs every row alike: compare rows of one table, not absolute numbers.
+Two ratio columns compare each row with its baseline (timm's eager model of the same dtype and batch; for bf16
+the faster of timm's two modes; seqvision's reference engine for a variant timm lacks): the ratio of the fastest
+rounds, and the median, over rounds, of the ratio within each round with its quartiles. Each round's ratio
+compares steps run seconds apart, so a change of the host's load between rounds cancels out of it.
 The rows share one process and its allocator's free memory, which a run of its own does not have:
 benchmarks/bench_memory.py times a training step with each implementation in a fresh process.
 """
@@ -20,6 +24,7 @@ import argparse
 import contextlib
 import gc
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -118,6 +123,32 @@ class Row:
     times: list[float] = field(default_factory=list)
     mem: int = 0
 
+    @property
+    def dtype(self) -> str:
+        return next(d for d, modes in MODES.items() if self.mode in modes)
+
+
+def baseline_for(row: Row, rows: list[Row]) -> Row | None:
+    """The row ``row`` is compared with: timm's eager row of the same dtype and batch (the faster of its modes,
+    as the issue's bf16 target asks), else seqvision's eager reference engine (a variant timm lacks)."""
+    same = [r for r in rows if r.dtype == row.dtype and r.batch == row.batch and r.times and "compile" not in r.name]
+    for prefix in ("timm sequencer", "timm ", "seqvision reference"):
+        candidates = [r for r in same if r.name.startswith(prefix) and "convnext" not in r.name]
+        if candidates:
+            return min(candidates, key=lambda r: min(r.times))
+    return None
+
+
+def speed_ratios(row: Row, base: Row) -> tuple[float, float, float, float]:
+    """Speed of ``row`` relative to ``base`` (> 1: faster): (fastest rounds, then the lower quartile, median and
+    upper quartile of the per-round ratios). Round i of both rows ran in the same interleaved round."""
+    fastest = min(base.times) / min(row.times)
+    per_round = sorted(b / t for b, t in zip(base.times, row.times, strict=True))
+    if len(per_round) < 2:
+        return fastest, per_round[0], per_round[0], per_round[0]
+    q1, median, q3 = statistics.quantiles(per_round, n=4, method="inclusive")
+    return fastest, q1, median, q3
+
 
 def _make_step(model: nn.Module, batch: int, img: int, dtype: str, mode: str, train: bool, engine: str | None):
     """A closure running one inference or training step of ``model`` with fixed synthetic data."""
@@ -194,8 +225,9 @@ def _flops_per_image(factory: Callable[[], nn.Module], img: int) -> float:
 
 def _fmt_table(rows: list[Row], peaks: dict[str, float], train: bool) -> str:
     head = (
-        "| model | dtype / mode | batch | img/s | ms/img | peak RSS delta (MiB) | GFLOP/s | % of GEMM peak |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "| model | dtype / mode | batch | img/s | ms/img | peak RSS delta (MiB) | GFLOP/s | % of GEMM peak "
+        "| vs baseline, fastest rounds | vs baseline, per-round median (quartiles) | baseline |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
@@ -204,10 +236,16 @@ def _fmt_table(rows: list[Row], peaks: dict[str, float], train: bool) -> str:
         t = min(r.times)  # other processes only ever slow a round down: the fastest round is the least disturbed
         ips = r.batch / t
         gflops = ips * r.flops * (3 if train else 1) / 1e9
-        dt = "bf16" if r.mode in MODES["bf16"] else "fp32"  # int8 dynamic: compared with the fp32 peak
+        dt = "bf16" if r.dtype == "bf16" else "fp32"  # int8 dynamic: compared with the fp32 peak
+        base = baseline_for(r, rows)
+        if base is None:
+            ratios = "| | | none |"
+        else:
+            fastest, q1, median, q3 = speed_ratios(r, base)
+            ratios = f"| {fastest:.2f}x | {median:.2f}x ({q1:.2f}-{q3:.2f}) | {base.name}, {base.mode} |"
         lines.append(
             f"| {r.name} | {r.mode} | {r.batch} | {ips:.2f} | {1e3 * t / r.batch:.1f} | {r.mem / 2**20:.0f} | "
-            f"{gflops:.0f} | {100 * gflops / peaks[dt]:.0f}% |"
+            f"{gflops:.0f} | {100 * gflops / peaks[dt]:.0f}% {ratios}"
         )
     return "\n".join(lines)
 

@@ -50,7 +50,44 @@ def test_cpu_bench_table_with_int8_rows(capsys):
     for r in body.values():
         ips, ms = float(r[3]), float(r[4])
         assert ips > 0 and ms == pytest.approx(1e3 / ips, rel=0.02, abs=0.1)
+        timm_row = body[("timm sequencer2d_s", r[1], int(r[2]))]
+        assert r[10] == "timm sequencer2d_s, " + r[1]
+        # The fastest-round ratio is the ratio of the two rows' img/s columns (each rounded to 2 decimals).
+        assert float(r[8].rstrip("x")) == pytest.approx(ips / float(timm_row[3]), rel=0.02, abs=0.01)
+        median, quartiles = re.fullmatch(r"([\d.]+)x \(([\d.]+-[\d.]+)\)", r[9]).groups()
+        q1, q3 = map(float, quartiles.split("-"))
+        assert q1 <= float(median) <= q3
+    for batch in (1, 2):
+        assert body[("timm sequencer2d_s", "fp32", batch)][8:10] == ["1.00x", "1.00x (1.00-1.00)"]
     assert "GEMM peak measured: fp32" in out and "bf16" not in out.split("GEMM peak measured:")[1].splitlines()[0]
+
+
+def test_speed_ratios_pair_the_rounds():
+    from seqvision.benchmark import Row, baseline_for, speed_ratios
+
+    def row(name, mode, times, batch=8):
+        return Row(name, mode, batch, lambda: None, 1.0, list(times))
+
+    # Round 2 was slow for both (load from elsewhere): per round the fused row is 2x, 1.5x, 2x, 1.6x, 2x timm.
+    timm = row("timm sequencer2d_s", "fp32", [2.0, 6.0, 2.0, 4.0, 2.0])
+    fused = row("seqvision fused", "fp32", [1.0, 4.0, 1.0, 2.5, 1.0])
+    fastest, q1, median, q3 = speed_ratios(fused, timm)
+    assert fastest == pytest.approx(2.0)
+    assert (q1, median, q3) == pytest.approx((1.6, 2.0, 2.0))
+    assert speed_ratios(timm, timm) == (1.0, 1.0, 1.0, 1.0)
+    # The baseline: timm's eager row of the same dtype and batch; for bf16 the faster of timm's two modes.
+    autocast = row("timm sequencer2d_s", "autocast", [3.0, 3.0])
+    weights = row("timm sequencer2d_s", "bf16 weights", [2.0, 5.0])
+    compiled = row("timm sequencer2d_s + torch.compile", "autocast", [1.0, 1.0])
+    ours = row("seqvision fused", "autocast", [1.0, 1.0])
+    other_batch = row("timm sequencer2d_s", "autocast", [0.5, 0.5], batch=1)
+    convnext = row("timm convnext_tiny", "autocast", [0.1, 0.1])
+    rows = [timm, fused, autocast, weights, compiled, ours, other_batch, convnext]
+    assert baseline_for(ours, rows) is weights and baseline_for(fused, rows) is timm
+    # A variant timm lacks: the eager reference engine; nothing to compare with: None.
+    reference = row("seqvision reference", "fp32", [3.0, 3.0])
+    gru = row("seqvision fused", "fp32", [1.0, 1.0])
+    assert baseline_for(gru, [gru, reference]) is reference and baseline_for(gru, [gru]) is None
 
 
 def test_cpu_bench_of_a_variant_timm_lacks(capsys):
@@ -62,6 +99,7 @@ def test_cpu_bench_of_a_variant_timm_lacks(capsys):
     names = [r[0] for r in _table_rows(out)[1:]]
     assert names == ["seqvision fused", "seqvision reference"], names
     assert "timm has no gru_sequencer2d_s" in out
+    assert {r[10] for r in _table_rows(out)[1:]} == {"seqvision reference, fp32"}
 
 
 @pytest.mark.parametrize(
