@@ -106,7 +106,7 @@ def _row_in_fresh_process(row: str, args: argparse.Namespace) -> dict[str, float
     return {"peak": peak, "before": before, "growth": growth, "faults": faults, "sys": sys_s, "times": times}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog="example: python benchmarks/bench_memory.py --model sequencer2d_s --batch 8 --rounds 2 --tuned-malloc",
@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tuned-malloc", action="store_true", help=f"run the rows with {' '.join(TUNED_MALLOC)} set")
     p.add_argument("--inference", action="store_true", help="time inference (forward passes) instead of training")
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: measure one row and print it
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.row:
         r = measure(args.row, args.model, args.batch, args.img_size, args.steps, args.warmup, not args.inference)
         print(

@@ -288,13 +288,36 @@ def test_split_kernels_fit_the_shared_memory_of_consumer_gpus(capsys):
             assert fits == "yes" and float(shared) <= 99, (layout, kernel, shared)
 
 
+def _script_calls(script: str, command: str) -> list[list[str]]:
+    """The arguments of every ``command`` call in a shell script, continuation lines joined, redirections and
+    shell expansions of $OUT dropped or filled in."""
+    calls = re.findall(re.escape(command) + r"((?:[^\n]*\\\n)*[^\n]*)", script)
+    words = [shlex.split(call.replace("\\\n", " ")) for call in calls]
+    return [[w.replace("$OUT", "/tmp/out") for w in ws if not re.match(r"^\d?>", w)] for ws in words]
+
+
+def test_cpu_check_script_command_lines_parse():
+    # benchmarks/cpu_check.sh is for a lent machine whose CPU has bf16 hardware (device time, rarely): its
+    # calls are parsed here with the real parsers; every bench call runs on two threads, as the issue measures.
+    import seqvision.benchmark
+
+    script = (BENCHMARKS / "cpu_check.sh").read_text()
+    bench_calls = [args[2:] for args in _script_calls(script, "\nbench ") + _script_calls(script, "    bench ")]
+    assert len(bench_calls) == 4, bench_calls  # inference at batch 1 and 8, at 32, training, compiled
+    for args in bench_calls:
+        parsed = seqvision.benchmark.build_parser().parse_args(args)
+        assert "bf16" in parsed.dtype and parsed.model == "sequencer2d_s"
+    assert '$PY -m seqvision bench --threads 2 "$@"' in script
+    memory_calls = _script_calls(script, "benchmarks/bench_memory.py")
+    assert len(memory_calls) == 1
+    parsed = _script_module("bench_memory").build_parser().parse_args(memory_calls[0])
+    assert parsed.batch == 8 and not parsed.inference
+
+
 def test_gpu_check_script_command_lines_parse():
     # benchmarks/gpu_check.sh runs only where a GPU is lent (minutes of device time, rarely): a renamed or
     # re-typed flag would waste that run, so its bench_gpu.py calls are parsed here with the real parser.
-    script = (BENCHMARKS / "gpu_check.sh").read_text()
-    calls = re.findall(r"benchmarks/bench_gpu\.py((?:[^\n]*\\\n)*[^\n]*)", script)
+    calls = _script_calls((BENCHMARKS / "gpu_check.sh").read_text(), "benchmarks/bench_gpu.py")
     assert len(calls) >= 4, calls
-    for call in calls:
-        words = shlex.split(call.replace("\\\n", " "))
-        args = [w for w in words if not re.match(r"^\d?>", w)]  # drop the redirections
-        benchmark_gpu.build_parser().parse_args([w.replace("$OUT", "/tmp/out") for w in args])
+    for args in calls:
+        benchmark_gpu.build_parser().parse_args(args)
