@@ -83,7 +83,7 @@ bench training 150 --batch 8 --dtype fp32,bf16 --train --iters 3 --no-compile --
 
 if (($(left) > 100)); then
     step "training memory and speed, each implementation in a fresh process (fp32, batch 8)"
-    OMP_NUM_THREADS=2 timeout $(($(left) - 20)) $PIN $PY benchmarks/bench_memory.py --batch 8 --rounds 1 \
+    OMP_NUM_THREADS=2 timeout $(($(left) - 20)) $PIN $PY benchmarks/bench_memory.py --batch 8 --warmup 1 --steps 1 \
         >"$OUT/memory.log" 2>&1
     echo "memory rc $?"
     sed -n '/^| /,$p' "$OUT/memory.log"
