@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seqvision bench",
         description=(
-            "CPU benchmark of seqvision's Sequencer2D (fused and reference engines) against timm's "
-            "Sequencer2D and ConvNeXt-T: img/s, ms/img, peak memory, GFLOP/s and fraction of GEMM peak.\n\n"
+            "CPU benchmark of seqvision's Sequencer2D (fused and reference engines) against timm's Sequencer2D\n"
+            "and ConvNeXt-T: img/s, ms/img, peak memory, GFLOP/s and fraction of GEMM peak, and each row's speed\n"
+            "relative to timm's eager row (same dtype and batch): from the fastest rounds, and as the median (with\n"
+            "quartiles) of the ratio within each interleaved round, which load changes between rounds do not move.\n\n"
             "int8 rows: torch's dynamic quantisation (LSTM and Linear weights int8, inference only).\n"
             "--device cuda runs the GPU benchmark instead (seqvision.benchmark_gpu: Triton engine, AMP, batch 256;\n"
             "eager rows, then torch.compile rows unless --no-compile).\n"
