@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import sys
 
-from seqvision.cli import non_negative_int, positive_int
+from seqvision.commands.common import non_negative_int, positive_int
 
 ROWS = ("seqvision fused", "seqvision reference", "timm")
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}

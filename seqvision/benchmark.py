@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cli import positive_int, positive_int_list
+from .commands.common import positive_int, positive_int_list
 from .errors import UserError
 from .inference import quantize_dynamic
 

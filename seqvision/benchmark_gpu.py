@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .cli import non_negative_int, positive_int
+from .commands.common import non_negative_int, positive_int
 
 DEFAULT_MODELS = (
     "seqvision:sequencer2d_s",

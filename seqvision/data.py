@@ -1,10 +1,10 @@
-"""Training data for ``seqvision train``: the built-in ``digits`` set, ImageFolder trees and the torchvision
-data sets of the paper's transfer experiments (read from disk, never downloaded).
+"""Labelled images for training and evaluation, all opened by ``open_dataset``: the built-in ``digits``,
+ImageFolder trees, and the torchvision data sets of the paper's transfer experiments (read from disk, never
+downloaded).
 
-Every sample comes back as ``(image tensor | None, target, problem)``: an unreadable image gives
-``(None, target, "<path>: cannot read image (...)")`` so that the training loop (in the main process, where
-``collate_with_problems`` hands the problem over) stops with a one-line ``DataError`` naming the file,
-instead of a DataLoader worker's traceback.
+An ``ImageDataset`` hands out ``(image tensor | None, target, problem)``: an unreadable image gives
+``(None, target, "<path>: cannot read image (...)")``, and ``collate`` passes such problems to the main
+process, where training stops with a one-line ``DataError`` naming the file and evaluation skips it.
 
 Augmentation is reproducible per sample: ``SeededDataset`` draws the random numbers for sample ``i`` in
 epoch ``e`` from a generator seeded with ``(seed, e, i)``, so the result depends neither on the number of
@@ -23,31 +23,116 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from .errors import DataError
 
 DIGITS_SEED = 0  # the train/val split of `digits` never changes (seqvision validate relies on it)
 DIGITS_VAL_FRACTION = 0.2
+SPLITS = ("train", "val")
+MAX_IMG_SIZE = 8192  # the largest input side a command accepts: larger ones exhaust memory before they help
 
-# name -> (torchvision class, what --data-dir must contain); all are read with download=False.
+# name -> (torchvision class, what data_dir must contain, number of classes); read with download=False.
 TORCHVISION_SETS = {
-    "cifar10": ("CIFAR10", "cifar-10-batches-py/"),
-    "cifar100": ("CIFAR100", "cifar-100-python/"),
-    "flowers102": ("Flowers102", "flowers-102/ (jpg/, imagelabels.mat, setid.mat)"),
-    "stanford_cars": ("StanfordCars", "stanford_cars/ (torchvision's layout)"),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py/", 10),
+    "cifar100": ("CIFAR100", "cifar-100-python/", 100),
+    "flowers102": ("Flowers102", "flowers-102/ (jpg/, imagelabels.mat, setid.mat)", 102),
+    "stanford_cars": ("StanfordCars", "stanford_cars/ (torchvision's layout)", 196),
 }
-DATASETS = ("digits", "folder", *TORCHVISION_SETS)
+BUILTIN_SETS = ("digits",)
+DATASETS = (*BUILTIN_SETS, "folder", *TORCHVISION_SETS)
+
+Source = str | os.PathLike | Image.Image  # where a sample's image comes from: a file or an image in memory
 
 
-# -- the built-in digits set -------------------------------------------------------------------------------
+@dataclass
+class LabelledImages:
+    """One split of a data set: ``samples[i]`` is ``(image source, class index)``, read lazily."""
+
+    samples: Sequence[tuple[Source, int]]
+    class_names: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def subsample(self, max_images: int | None) -> LabelledImages:
+        """At most ``max_images`` evenly spaced samples (so every class of a class-sorted set stays represented)."""
+        if max_images is not None and max_images <= 0:
+            raise DataError(f"the number of images must be positive, got {max_images}")
+        n = len(self.samples)
+        if max_images is None or max_images >= n:
+            return self
+        picked = [self.samples[i * n // max_images] for i in range(max_images)]
+        return LabelledImages(picked, self.class_names, self.source)
+
+
+# -- opening a data set ------------------------------------------------------------------------------------
+def open_dataset(
+    name: str,
+    split: str | None = "val",
+    data_dir: str | os.PathLike | None = None,
+    upsample_to: int | None = None,
+) -> LabelledImages:
+    """One split of a data set.
+
+    ``name``: ``digits`` (scikit-learn's scans, fixed 80/20 split), ``folder`` (an ImageFolder tree under
+    ``data_dir``: ``split`` names its sub-directory, or None for ``data_dir`` itself), a torchvision set
+    (``cifar10``, ``cifar100``, ``flowers102``, ``stanford_cars``: its files under ``data_dir``; ``val`` is the
+    split the paper tests on), or the path of an ImageFolder tree. ``upsample_to`` enlarges the built-in
+    sets' small scans before augmentation (training), so random crops are not limited to whole pixels.
+    """
+    if name in BUILTIN_SETS:
+        return _builtin(name, split or "val", upsample_to)
+    if name in TORCHVISION_SETS:
+        return _torchvision(name, split or "val", _existing_dir(name, data_dir))
+    if name == "folder":
+        root = _existing_dir(name, data_dir)
+        return image_folder(root / split if split else root)
+    if data_dir is None and (os.sep in name or Path(name).exists()):
+        return image_folder(Path(name) / split if split else Path(name))
+    raise DataError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)} or an ImageFolder folder")
+
+
+def open_train_val(
+    name: str, data_dir: str | os.PathLike | None, upsample_to: int | None = None
+) -> tuple[LabelledImages, LabelledImages]:
+    """The training and validation splits of a data set, with the same classes in both."""
+    if name == "folder":
+        root = _existing_dir(name, data_dir)
+        for split in SPLITS:
+            if not (root / split).is_dir():
+                raise DataError(f"data folder not found: {root / split} (expected {root}/train and {root}/val)")
+    train = open_dataset(name, "train", data_dir, upsample_to)
+    val = open_dataset(name, "val", data_dir)
+    if val.class_names != train.class_names:
+        odd = sorted(set(train.class_names) ^ set(val.class_names)) or ["(their order)"]
+        raise DataError(f"the train and val splits of {train.source} have different classes (e.g. {odd[0]})")
+    return train, val
+
+
+def _existing_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
+    if data_dir is None:
+        raise DataError(f"the {name} data set needs a data folder (--data-dir)")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    return root
+
+
+def _builtin(name: str, split: str, upsample_to: int | None) -> LabelledImages:
+    if split not in SPLITS:
+        raise DataError(f"{name} has the splits 'train' and 'val', not {split!r}")
+    return LabelledImages(digits_images(split, upsample_to), [str(i) for i in range(10)], "digits")
+
+
 def digits_split(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1,797 hand-written digits (8x8, ink 0..16), split 80/20 stratified with a fixed seed."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    if split not in ("train", "val"):
+    if split not in SPLITS:
         raise DataError(f"digits has the splits 'train' and 'val', not {split!r}")
     d = load_digits()
     x_tr, x_va, y_tr, y_va = train_test_split(
@@ -59,9 +144,8 @@ def digits_split(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 def digits_images(split: str, size: int | None = None) -> list[tuple[Image.Image, int]]:
     """The digits of ``split`` as grey-scale PIL images, bicubic-upsampled to ``size`` when given.
 
-    Training images are upsampled before augmentation so that random crops are not limited to whole
-    8x8 pixels; validation images stay 8x8 and go through the model's evaluation transform (a bicubic
-    resize), exactly as ``seqvision validate`` / ``predict`` preprocess them.
+    Validation images stay 8x8 and go through the model's evaluation transform (a bicubic resize), exactly
+    as ``seqvision validate`` / ``predict`` preprocess them.
     """
     x, y = digits_split(split)
     items = []
@@ -73,63 +157,9 @@ def digits_images(split: str, size: int | None = None) -> list[tuple[Image.Image
     return items
 
 
-# -- datasets ----------------------------------------------------------------------------------------------
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image; DataError naming the file when it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path}: cannot read image ({reason})") from None
-
-
-class ItemDataset(Dataset):
-    """(image, target) pairs, each image a path or an in-memory PIL image, read lazily."""
-
-    def __init__(self, items: Sequence[tuple[str | Image.Image, int]], transform: Callable | None = None):
-        self.items = list(items)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[Tensor | None, int, str]:
-        src, target = self.items[i]
-        try:
-            img = src.convert("RGB") if isinstance(src, Image.Image) else load_image(src)
-            return (self.transform(img) if self.transform else img), target, ""
-        except DataError as e:
-            return None, target, str(e)
-        except (OSError, ValueError) as e:  # e.g. a truncated file that opens but fails to decode
-            return None, target, f"{src}: cannot read image ({e})"
-
-
-class TorchvisionDataset(Dataset):
-    """A torchvision data set (PIL images) in the ``(tensor, target, problem)`` convention."""
-
-    def __init__(self, base: Dataset, transform: Callable | None = None):
-        self.base = base
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[Tensor | None, int, str]:
-        try:
-            img, target = self.base[i]
-        except (OSError, ValueError) as e:
-            return None, -1, f"{type(self.base).__name__} sample {i}: cannot read image ({e})"
-        img = img.convert("RGB")
-        return (self.transform(img) if self.transform else img), int(target), ""
-
-
-def image_folder_items(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
-    """The (path, class index) pairs of an ImageFolder tree and its class names; DataError when the folder
-    is missing, has no class sub-directories, or a class holds no image."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
+def image_folder(root: str | os.PathLike) -> LabelledImages:
+    """An ImageFolder tree ``root/<class>/<image>``; DataError when the folder is missing, has no class
+    sub-directories, or a class holds no image."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
@@ -145,74 +175,103 @@ def image_folder_items(root: str | os.PathLike) -> tuple[list[tuple[str, int]], 
             f"{root / empty[0]}: class folder holds no images ({len(empty)} empty class(es); "
             f"looked for {', '.join(sorted(IMG_EXTENSIONS))})"
         )
-    return [(p, t) for p, t in samples], list(classes)
+    return LabelledImages(list(samples), list(classes), str(root))
 
 
-@dataclass
-class DataSplits:
-    train: Dataset
-    val: Dataset
-    class_names: list[str]
-    source: str
+class _TorchvisionSamples(Sequence):
+    """A torchvision data set's (PIL image, target) pairs, read when indexed."""
+
+    def __init__(self, base: Dataset, name: str):
+        self.base, self.name = base, name
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:  # type: ignore[override]
+        try:
+            img, target = self.base[i]
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.name} sample {i}: cannot read image ({_first_line(e)})") from None
+        return img, int(target)
 
 
-def build_datasets(
-    name: str,
-    data_dir: str | os.PathLike | None,
-    train_transform: Callable,
-    val_transform: Callable,
-    img_size: int,
-) -> DataSplits:
-    """Train and validation sets of ``name`` ("digits", "folder" or a key of ``TORCHVISION_SETS``)."""
-    if name == "digits":
-        train = ItemDataset(digits_images("train", img_size), train_transform)
-        val = ItemDataset(digits_images("val"), val_transform)
-        return DataSplits(train, val, [str(i) for i in range(10)], "digits (scikit-learn, 1,797 8x8 scans)")
-    if data_dir is None:
-        raise DataError(f"the {name} data set needs --data-dir")
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
-    if name == "folder":
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise DataError(f"data folder not found: {root / split} (expected {root}/train and {root}/val)")
-        items, classes = image_folder_items(root / "train")
-        val_items, val_classes = image_folder_items(root / "val")
-        if val_classes != classes:
-            missing = sorted(set(classes) ^ set(val_classes))
-            raise DataError(f"{root}/train and {root}/val have different classes (e.g. {missing[0]})")
-        return DataSplits(
-            ItemDataset(items, train_transform), ItemDataset(val_items, val_transform), classes, str(root)
-        )
-    if name not in TORCHVISION_SETS:
-        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    return _torchvision_splits(name, root, train_transform, val_transform)
-
-
-def _torchvision_splits(name: str, root: Path, train_tf: Callable, val_tf: Callable) -> DataSplits:
+def _torchvision(name: str, split: str, root: Path) -> LabelledImages:
     import torchvision.datasets as tvd
 
-    cls_name, layout = TORCHVISION_SETS[name]
+    if split not in SPLITS:
+        raise DataError(f"{name} has the splits 'train' and 'val' (its test split), not {split!r}")
+    cls_name, layout, n_classes = TORCHVISION_SETS[name]
     cls = getattr(tvd, cls_name)
     try:
         if name in ("cifar10", "cifar100"):
-            train, val = cls(root, train=True, download=False), cls(root, train=False, download=False)
-        elif name == "flowers102":  # the paper trains on train + val (2,040) and tests on test (6,149)
-            parts = [cls(root, split=s, download=False) for s in ("train", "val")]
-            train, val = torch.utils.data.ConcatDataset(parts), cls(root, split="test", download=False)
+            base = cls(root, train=split == "train", download=False)
+        elif name == "flowers102" and split == "train":  # the paper trains on train + val (2,040 images)
+            base = torch.utils.data.ConcatDataset([cls(root, split=s, download=False) for s in ("train", "val")])
         else:
-            train, val = cls(root, split="train", download=False), cls(root, split="test", download=False)
+            base = cls(root, split="train" if split == "train" else "test", download=False)
     except (RuntimeError, FileNotFoundError, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{name} not found under {root}: expected {root}/{layout} ({reason})") from None
-    base = val
-    classes = list(getattr(base, "classes", None) or [str(i) for i in range(_num_classes(name))])
-    return DataSplits(TorchvisionDataset(train, train_tf), TorchvisionDataset(val, val_tf), classes, f"{name} ({root})")
+        raise DataError(f"{name} not found under {root}: expected {root}/{layout} ({_first_line(e)})") from None
+    first = base.datasets[0] if isinstance(base, torch.utils.data.ConcatDataset) else base
+    classes = list(getattr(first, "classes", None) or [str(i) for i in range(n_classes)])
+    return LabelledImages(_TorchvisionSamples(base, name), classes, f"{name} ({root}, {split})")
 
 
-def _num_classes(name: str) -> int:
-    return {"cifar10": 10, "cifar100": 100, "flowers102": 102, "stanford_cars": 196}[name]
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+# -- from samples to tensors -------------------------------------------------------------------------------
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """An RGB image; DataError naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot read image ({_first_line(e)})") from None
+
+
+class ImageDataset(Dataset):
+    """``(transformed image | None, target, problem)`` for each sample of a ``LabelledImages`` split.
+
+    ``target_map[t]`` replaces class ``t`` (the model's output index for the data's class, see
+    ``seqvision.evaluate.target_mapping``).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[Source, int]],
+        transform: Callable | None = None,
+        target_map: Sequence[int] | None = None,
+    ):
+        self.samples = samples
+        self.transform = transform
+        self.target_map = target_map
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor | None, int, str]:
+        src: Any = None
+        target = -1
+        try:
+            src, target = self.samples[i]
+            if self.target_map is not None:
+                target = self.target_map[target]
+            img = src.convert("RGB") if isinstance(src, Image.Image) else load_image(src)
+            return (self.transform(img) if self.transform else img), target, ""
+        except DataError as e:
+            return None, target, str(e)
+        except (OSError, ValueError) as e:  # e.g. a truncated file that opens but fails to decode
+            return None, target, f"{src if src is not None else f'sample {i}'}: cannot read image ({_first_line(e)})"
+
+
+def collate(batch: list[tuple[Tensor | None, int, str]]) -> tuple[Tensor | None, Tensor, list[str]]:
+    """Stack the readable images and their targets; the problems of the others come alongside, by path."""
+    good = [b for b in batch if b[0] is not None]
+    problems = [b[2] for b in batch if b[0] is None]
+    x = torch.stack([b[0] for b in good]) if good else None
+    return x, torch.tensor([b[1] for b in good], dtype=torch.long), problems
 
 
 # -- reproducible sampling and augmentation ---------------------------------------------------------------
@@ -239,7 +298,7 @@ class SeededDataset(Dataset):
         s = int(np.random.SeedSequence([self.seed, self.epoch, int(i)]).generate_state(1)[0])
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also seeds CUDA (100x slower)
+            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also seeds CUDA (far slower)
             random.seed(s)
             np.random.seed(s)
             try:
@@ -254,8 +313,6 @@ class ShardedEpochSampler(Sampler[int]):
     ``start`` indices (resuming mid-epoch). Built on ``DistributedSampler`` (its shuffling and padding)."""
 
     def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
-        from torch.utils.data import DistributedSampler
-
         self.inner = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
         self.start = 0
 
@@ -273,14 +330,21 @@ class ShardedEpochSampler(Sampler[int]):
         return len(self.inner) - self.start
 
 
-def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
-    """Every index exactly once across ranks (validation must neither pad nor drop samples)."""
-    return list(range(rank, n, world_size))
+class PaddedShard(Dataset):
+    """Rank ``rank``'s share of ``base``: every index exactly once across ranks, and the same length on every
+    rank (a sharded model's forward is collective), padded with samples whose target is -1 (not counted)."""
 
+    def __init__(self, base: Dataset, rank: int, world_size: int):
+        self.base = base
+        n = len(base)  # type: ignore[arg-type]
+        self.indices = list(range(rank, n, world_size))
+        self.length = -(-n // world_size)
 
-def collate_with_problems(batch: list[tuple[Tensor | None, int, str]]) -> tuple[Tensor | None, Tensor, list[str]]:
-    """Stack the images; pass the problems (unreadable files) on to the main process."""
-    problems = [b[2] for b in batch if b[0] is None]
-    if problems:
-        return None, torch.empty(0, dtype=torch.long), problems
-    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.long), []
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Any:
+        if i < len(self.indices):
+            return self.base[self.indices[i]]
+        x, _, problem = self.base[self.indices[0] if self.indices else 0]
+        return x, -1, problem

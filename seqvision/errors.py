@@ -26,3 +26,19 @@ class DataError(UserError, ValueError):
 
 class EngineUnavailableError(UserError, RuntimeError):
     """A BiLSTM2D engine was asked for that cannot run here (no compiler, no CUDA, no triton)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A training recipe, setting or command-line override that cannot be used."""
+
+
+class DivergedError(UserError, FloatingPointError):
+    """The loss became NaN or infinite; the run stopped and its last good checkpoint was left as it was."""
+
+
+class ExportError(UserError):
+    """An export whose result does not match the model, or a format that cannot be written."""
+
+
+class OutputError(UserError, OSError):
+    """A result that cannot be written (read-only place, full disk, a file where a folder should be)."""

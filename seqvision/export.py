@@ -18,17 +18,13 @@ import torch
 from torch import nn
 
 from . import ops
-from .cli import positive_int
-from .errors import UserError
+from .commands.common import positive_int
+from .errors import ExportError, UserError
+from .files import atomic_write
 from .inference import load_model
-from .weights import atomic_write
 
 FORMATS = ("onnx", "torch-export")
 TOLERANCE = 1e-4
-
-
-class ExportError(UserError):
-    """The export failed or its outputs differ from PyTorch's."""
 
 
 def check_sizes(img_size: int) -> list[tuple[int, int]]:

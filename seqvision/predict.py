@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from timm.data import create_transform
 
-from .cli import positive_int
+from .commands.common import positive_int
 from .data import load_image
 from .errors import UserError
 from .inference import LoadedModel, load_model, quantize_dynamic

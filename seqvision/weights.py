@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import urllib.error
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import CheckpointError
+from .files import atomic_write
 
 FORMATS = ("seqvision", "timm", "authors")
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
@@ -273,25 +273,6 @@ def load_pretrained(model: nn.Module, name: str) -> dict:
 
 
 # -- saving ------------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {_first_line(e)}") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def save_weights(
     state: nn.Module | Mapping[str, Tensor],
     path: str | os.PathLike,

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from seqvision import create_model, ops
-from seqvision.evaluate import digits_images, eval_transform
+from seqvision.data import open_dataset
+from seqvision.evaluate import eval_transform
 
 TINY = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), hidden_sizes=(4, 8, 8, 8))
 # 28 px: the stem's 7x7 patches give a 4 x 4 token map, 2 x 2 after the second stage.
@@ -22,9 +23,9 @@ DATA_CONFIG = dict(input_size=(3, 28, 28), crop_pct=1.0, interpolation="bilinear
 
 def tensors(split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Digits of one split preprocessed with DATA_CONFIG, computed here independently of the evaluator."""
-    data = digits_images(split)
+    data = open_dataset("digits", split)
     tf = eval_transform(DATA_CONFIG)
-    items = data.items[:limit]
+    items = data.samples[:limit]
     x = torch.stack([tf(img.convert("RGB")) for img, _ in items])
     return x, torch.tensor([t for _, t in items])
 
@@ -74,10 +75,10 @@ def save_image(array: np.ndarray, path: Path, mode: str = "L") -> Path:
 def digits_tree(root: Path, per_class: int = 5, transform=None, start: int = 0) -> list[tuple[Path, int]]:
     """Real validation digits written as grey-scale PNGs into ``root/<digit>/``; ``transform`` maps the
     8x8 float array first (e.g. a corruption). Returns (path, label) for each file."""
-    data = digits_images("val")
+    data = open_dataset("digits", "val")
     counts: dict[int, int] = {}
     written = []
-    for i, (img, t) in enumerate(data.items[start:]):
+    for i, (img, t) in enumerate(data.samples[start:]):
         if counts.get(t, 0) >= per_class:
             continue
         counts[t] = counts.get(t, 0) + 1

@@ -11,17 +11,16 @@ import pytest
 import torch
 
 import seqvision
-from seqvision.cli import (
-    COMMANDS,
-    get_parser,
-    main,
-    models_table,
+from seqvision.cli import COMMANDS, get_parser, main
+from seqvision.commands.common import (
+    image_size,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
     positive_int_list,
 )
+from seqvision.commands.models import models_table
 from seqvision.weights import read_checkpoint, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +99,9 @@ def test_number_argument_types():
     assert positive_int("3") == 3 and non_negative_int("0") == 0
     assert positive_float("0.5") == 0.5 and non_negative_float("0") == 0.0
     assert positive_int_list("1, 8,32,") == [1, 8, 32]
+    assert image_size("8192") == 8192
     bad = [
+        (image_size, "0"), (image_size, "100000"), (positive_float, "inf"),
         (positive_int, "0"), (positive_int, "-2"), (positive_int, "1.5"), (positive_int, "x"),
         (non_negative_int, "-1"), (positive_float, "0"), (positive_float, "nan"), (non_negative_float, "-0.1"),
         (positive_int_list, "1,0"), (positive_int_list, ","), (positive_int_list, "8,x"),
@@ -129,6 +130,8 @@ def test_number_argument_types():
         ["resolution-sweep", "--data-dir", "digits", "--scales", "0.5", "-1"],
         ["erf", "--data-dir", "digits", "--max-images", "0"],
         ["export", "m.onnx", "--format", "onnx", "--img-size", "0"],
+        ["validate", "--data-dir", "digits", "--img-size", "100000"],
+        ["erf", "--data-dir", "digits", "--img-size", "100000"],
         ["demo", "--epochs", "0"],
         ["models", "--img-size", "-224"],
     ],

@@ -16,9 +16,10 @@ from torch import nn
 
 from seqvision import evaluate as ev
 from seqvision import ops
-from seqvision.data import ItemDataset
+from seqvision.commands import validate as validate_command
+from seqvision.data import image_folder, open_dataset
 from seqvision.errors import DataError
-from seqvision.inference import load_model
+from seqvision.inference import load_any_model, load_model
 
 
 @pytest.fixture(autouse=True)
@@ -120,30 +121,31 @@ def test_odd_and_broken_images(tmp_path):
     (tmp_path / "b" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     png = (tmp_path / "a" / "x.png").read_bytes()
     (tmp_path / "b" / "truncated.png").write_bytes(png[: len(png) // 2])
-    data = ev.image_folder(tmp_path)
-    assert data.class_names == ["a", "b"] and len(data.items) == 7
+    data = image_folder(tmp_path)
+    assert data.class_names == ["a", "b"] and len(data.samples) == 7
     model = Constant(2)  # only the data path matters here
-    ds = ItemDataset(data.items, ev.eval_transform(DATA_CONFIG))
-    r = ev.evaluate(model, ev.make_loader(ds, batch_size=3), num_classes=2)
+    loader = ev.eval_loader(data, ev.eval_transform(DATA_CONFIG), batch_size=3)
+    ds = loader.dataset
+    r = ev.evaluate(model, loader, num_classes=2)
     assert r.n == 5
     assert len(r.skipped) == 2
     assert any("corrupt.jpg" in s for s in r.skipped) and any("truncated.png" in s for s in r.skipped)
-    assert all(ds[i][0].shape == (3, 28, 28) for i, (p, _) in enumerate(data.items) if Path(p) in good)
+    assert all(ds[i][0].shape == (3, 28, 28) for i, (p, _) in enumerate(data.samples) if Path(p) in good)
     with pytest.raises(DataError, match=r"corrupt\.jpg|truncated\.png"):
-        ev.evaluate(model, ev.make_loader(ds, batch_size=3), num_classes=2, on_error="fail")
+        ev.evaluate(model, loader, num_classes=2, on_error="fail")
 
 
 def test_empty_or_missing_data(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        ev.open_data(tmp_path / "nope")
+        open_dataset("folder", None, tmp_path / "nope")
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "notes.txt").write_text("no images")
     with pytest.raises(DataError, match="holds no images"):
-        ev.image_folder(tmp_path)
+        image_folder(tmp_path)
 
 
-def _run(module, argv: list[str]) -> int:
-    return module.run(module.build_parser().parse_args(argv))
+def _validate(argv: list[str]) -> int:
+    return validate_command.run(validate_command.build_parser().parse_args(argv))
 
 
 def test_validate_command_on_digits(tmp_path, capsys):
@@ -151,7 +153,7 @@ def test_validate_command_on_digits(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--checkpoint", str(ckpt), "--data-dir", "digits", "--device", "cpu", "--workers", "0",
             "--batch-size", "100", "--confusion-matrix", "--output-dir", str(out)]
-    assert _run(ev, argv) == 0
+    assert _validate(argv) == 0
     res = json.loads((out / "validate.json").read_text())
 
     # The same number computed without the evaluator: model on independently preprocessed tensors.
@@ -184,7 +186,7 @@ def test_validate_int8_keeps_digits_accuracy(tmp_path):
         out = tmp_path / ("int8" if quant else "fp32")
         argv = ["--checkpoint", str(ckpt), "--data-dir", "digits", "--device", "cpu", "--workers", "0",
                 "--output-dir", str(out), *quant]
-        assert _run(ev, argv) == 0
+        assert _validate(argv) == 0
         results[bool(quant)] = json.loads((out / "validate.json").read_text())
     fp32, int8 = results[False], results[True]
     assert int8["quantize"] == "dynamic" and fp32["quantize"] is None
@@ -201,7 +203,7 @@ def test_validate_command_on_image_folder(tmp_path):
     out = tmp_path / "out"
     argv = ["--checkpoint", str(ckpt), "--data-dir", str(tmp_path), "--split", "val", "--device", "cpu",
             "--workers", "0", "--output-dir", str(out)]
-    assert _run(ev, argv) == 0
+    assert _validate(argv) == 0
     res = json.loads((out / "validate.json").read_text())
     assert res["images"] == len(files) + 1 and res["skipped"] == 1
     assert res["skipped_images"][0].startswith(str(tmp_path / "val" / "5" / "broken.png"))
@@ -215,7 +217,7 @@ def test_validate_command_on_image_folder(tmp_path):
     assert res["top1"] == pytest.approx(100.0 * np.mean([int(p) == t for p, (_, t) in zip(pred, paths, strict=True)]))
 
     with pytest.raises(DataError, match="broken.png"):
-        _run(ev, [*argv, "--on-error", "fail"])
+        _validate([*argv, "--on-error", "fail"])
 
 
 def test_amp_agrees_with_float32():
@@ -230,7 +232,7 @@ def test_timm_model_with_checkpoint(tmp_path):
     model = timm.create_model("test_resnet", num_classes=7)
     ckpt = tmp_path / "resnet.pth"
     torch.save({"model": model.state_dict(), "class_names": list("abcdefg")}, ckpt)
-    loaded = ev.load_any_model("test_resnet", ckpt)
+    loaded = load_any_model("test_resnet", ckpt)
     assert loaded.model.num_classes == 7 and loaded.class_names == list("abcdefg")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

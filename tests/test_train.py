@@ -14,33 +14,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from train_helpers import make_tree, run_train, subprocess_env, tiny_set_args
 
-from seqvision.errors import DataError, UserError
-from seqvision.train import (
-    BASE,
-    DIGITS,
-    ConfigError,
-    DivergedError,
-    Trainer,
-    build_parser,
-    config_from_args,
-    load_recipe,
-    main,
-    recipe_paths,
-    resolve_config,
-    scaled_lr,
-    train,
-)
+from seqvision.cli import main as cli_main
+from seqvision.commands.train import build_parser, config_from_args
+from seqvision.errors import ConfigError, DataError, DivergedError, UserError
+from seqvision.train import TrainConfig, Trainer, load_recipe, recipe_names, resolve_config, scaled_lr, train
+from seqvision.train.checkpoint import save_checkpoint
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["train", *argv])
 
 TIMING = ("epoch_seconds", "img_per_s")
 
 
-def tiny_cfg(out: Path, *argv: str, **extra) -> dict:
+def tiny_cfg(out: Path, *argv: str, **extra) -> TrainConfig:
     args = build_parser().parse_args(["--output", str(out), *argv, *tiny_set_args(**extra)])
     return config_from_args(args)[0]
 
@@ -63,13 +55,13 @@ def test_help_works():
     assert "examples:" in text and "--resume" in text and "torchrun" in text
     r = subprocess.run([sys.executable, "-m", "seqvision.train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "usage:" in r.stdout
-    from seqvision.demo import build_parser as demo_parser
+    from seqvision.commands.demo import build_parser as demo_parser
 
     assert "--skip-train" in demo_parser().format_help()
 
 
 def test_recipes_load_with_the_papers_values():
-    names = set(recipe_paths())
+    names = set(recipe_names())
     assert {
         "digits",
         "imagenet_s",
@@ -83,32 +75,32 @@ def test_recipes_load_with_the_papers_values():
     } <= names
     cfgs = {n: resolve_config(load_recipe(n)) for n in names}
     s = cfgs["imagenet_s"]
-    assert (s["lr"], s["lr_base_batch"], s["epochs"], s["cooldown_epochs"], s["warmup_epochs"]) == (
+    assert (s.lr, s.lr_base_batch, s.epochs, s.cooldown_epochs, s.warmup_epochs) == (
         2e-3,
         2048,
         300,
         10,
         20,
     )
-    assert (s["aa"], s["reprob"], s["mixup"], s["cutmix"], s["smoothing"]) == (
+    assert (s.aa, s.reprob, s.mixup, s.cutmix, s.smoothing) == (
         "rand-m9-mstd0.5-inc1",
         0.25,
         0.8,
         1.0,
         0.1,
     )
-    assert (s["weight_decay"], s["drop_path"], s["min_lr"], s["warmup_lr"], s["clip_grad"]) == (
+    assert (s.weight_decay, s.drop_path, s.min_lr, s.warmup_lr, s.clip_grad) == (
         0.05,
         0.1,
         1e-6,
         1e-6,
         None,
     )
-    assert cfgs["imagenet_m"]["model"] == "sequencer2d_m" and cfgs["imagenet_m"]["lr"] == 2e-3
-    assert cfgs["imagenet_l"]["model"] == "sequencer2d_l"
+    assert cfgs["imagenet_m"].model == "sequencer2d_m" and cfgs["imagenet_m"].lr == 2e-3
+    assert cfgs["imagenet_l"].model == "sequencer2d_l"
     f = cfgs["imagenet_l_392"]
-    assert (f["img_size"], f["lr"], f["lr_base_batch"], f["epochs"], f["warmup_epochs"]) == (392, 5e-5, 512, 30, 0)
-    assert (f["weight_decay"], f["drop_path"], f["crop_pct"], f["pretrained"]) == (1e-8, 0.4, 1.0, True)
+    assert (f.img_size, f.lr, f.lr_base_batch, f.epochs, f.warmup_epochs) == (392, 5e-5, 512, 30, 0)
+    assert (f.weight_decay, f.drop_path, f.crop_pct, f.pretrained) == (1e-8, 0.4, 1.0, True)
     for name, classes in (
         ("cifar10", "cifar10"),
         ("cifar100", "cifar100"),
@@ -116,28 +108,34 @@ def test_recipes_load_with_the_papers_values():
         ("stanford_cars", "stanford_cars"),
     ):
         t = cfgs[name]
-        assert t["dataset"] == classes and t["pretrained"]
-        assert (t["lr"], t["lr_base_batch"], t["weight_decay"], t["clip_grad"], t["reprob"]) == (
+        assert t.dataset == classes and t.pretrained
+        assert (t.lr, t.lr_base_batch, t.weight_decay, t.clip_grad, t.reprob) == (
             1e-4,
             512,
             1e-4,
             1.0,
             0.0,
         )
-        assert (t["epochs"], t["cooldown_epochs"], t["warmup_epochs"], t["mixup"], t["cutmix"]) == (
+        assert (t.epochs, t.cooldown_epochs, t.warmup_epochs, t.mixup, t.cutmix) == (
             200,
             10,
             5,
             0.8,
             1.0,
         )
-        assert t["img_size"] == 224 and t["aa"] == "rand-m9-mstd0.5-inc1"
+        assert t.img_size == 224 and t.aa == "rand-m9-mstd0.5-inc1"
 
 
 def test_digits_yaml_is_the_builtin_default():
-    assert load_recipe(str(recipe_paths()["digits"])) == DIGITS
-    cfg, name = config_from_args(build_parser().parse_args([]))
-    assert name == "digits" and cfg["dataset"] == "digits" and cfg["model_kwargs"] == DIGITS["model_kwargs"]
+    from importlib import resources
+
+    import yaml
+
+    packaged = yaml.safe_load(resources.files("seqvision").joinpath("configs", "digits.yaml").read_text())
+    assert load_recipe("digits") == packaged and packaged["dataset"] == "digits"
+    cfg, name, _ = config_from_args(build_parser().parse_args([]))
+    assert name == "digits" and cfg.dataset == "digits" and cfg.model_kwargs == packaged["model_kwargs"]
+    assert (cfg.img_size, cfg.epochs) == (packaged["img_size"], packaged["epochs"])
 
 
 def test_command_line_overrides_apply():
@@ -158,13 +156,13 @@ def test_command_line_overrides_apply():
         "--data-dir",
         "/data/x",
     ]
-    cfg, name = config_from_args(build_parser().parse_args(argv))
+    cfg, name, _ = config_from_args(build_parser().parse_args(argv))
     assert name == "imagenet_s"
-    assert (cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["aa"], cfg["amp"]) == (5, 16, 1e-3, None, False)
-    assert cfg["model_kwargs"] == {"layers": [2, 2, 2, 2]} and cfg["data_dir"] == "/data/x"
-    assert cfg["mixup"] == 0.8  # untouched keys keep the recipe's value
-    cfg, _ = config_from_args(build_parser().parse_args(["--data-dir", "/d"]))
-    assert cfg["dataset"] == "folder"  # --data-dir alone means an ImageFolder tree
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.aa, cfg.amp) == (5, 16, 1e-3, None, False)
+    assert cfg.model_kwargs == {"layers": [2, 2, 2, 2]} and cfg.data_dir == "/data/x"
+    assert cfg.mixup == 0.8  # untouched keys keep the recipe's value
+    cfg, _, _ = config_from_args(build_parser().parse_args(["--data-dir", "/d"]))
+    assert cfg.dataset == "folder"  # --data-dir alone means an ImageFolder tree
     with pytest.raises(ConfigError, match="did you mean epochs"):
         config_from_args(build_parser().parse_args(["--set", "epoch=3"]))
     with pytest.raises(ConfigError, match="must be an integer"):
@@ -189,6 +187,17 @@ def test_command_line_overrides_apply():
         ("layer_decay=abc", "layer_decay must be a number"),
         ("scale=[0.9,0.1]", "scale must be two numbers [low, high] with 0 < low <= high <= 1"),
         ("ratio=[0,1]", "ratio must be two numbers"),
+        ("model_kwargs.bogus=1", "model_kwargs.bogus is not an argument of sequencer2d_s"),
+        ("model_kwargs.layres=[1,1,1,1]", "did you mean layers?"),
+        ("model_kwargs=[1,2]", "model_kwargs must be a mapping"),
+        ("model_kwargs.num_classes=3", "model_kwargs.num_classes: set it with the training key"),
+        ("lr.x=1", "lr has no keys of its own"),
+        ("seed=-1", "seed must be between 0 and 4294967295"),
+        ("seed=4611686018427387904", "seed must be between 0 and 4294967295"),
+        ("img_size=100000", "img_size must be between 1 and 8192"),
+        ("mean=[0.5,0.5]", "mean must be three numbers"),
+        ("dataset=imagenet", "dataset must be one of digits, folder"),
+        ("progress=maybe", "progress must be one of auto, true, false"),
     ],
 )
 def test_out_of_range_settings_are_config_errors(override, message):
@@ -199,10 +208,10 @@ def test_out_of_range_settings_are_config_errors(override, message):
 
 def test_set_takes_several_pairs_at_once():
     pairs = "batch_size=12,workers=3,model_kwargs.layers=[1,2,1,1]"
-    cfg, _ = config_from_args(build_parser().parse_args(["--set", pairs]))
-    assert (cfg["batch_size"], cfg["workers"], cfg["model_kwargs"]["layers"]) == (12, 3, [1, 2, 1, 1])
-    cfg, _ = config_from_args(build_parser().parse_args(["--set", "aa=rand-m9-mstd0.5,mean=[0.5,0.5,0.5]"]))
-    assert cfg["aa"] == "rand-m9-mstd0.5" and cfg["mean"] == [0.5, 0.5, 0.5]
+    cfg, _, _ = config_from_args(build_parser().parse_args(["--set", pairs]))
+    assert (cfg.batch_size, cfg.workers, cfg.model_kwargs["layers"]) == (12, 3, [1, 2, 1, 1])
+    cfg, _, _ = config_from_args(build_parser().parse_args(["--set", "aa=rand-m9-mstd0.5,mean=[0.5,0.5,0.5]"]))
+    assert cfg.aa == "rand-m9-mstd0.5" and cfg.mean == [0.5, 0.5, 0.5]
 
 
 def test_documented_train_commands_parse():
@@ -215,12 +224,12 @@ def test_documented_train_commands_parse():
     commands = [shlex.split(line.replace("\\", "")) for line in lines]
     assert len(commands) >= 5, commands
     for argv in commands:
-        cfg, _ = config_from_args(build_parser().parse_args(argv))
-        assert cfg["batch_size"] >= 1, argv
+        cfg, _, _ = config_from_args(build_parser().parse_args(argv))
+        assert cfg.batch_size >= 1, argv
 
 
 def test_every_recipe_is_within_the_ranges():
-    for name in recipe_paths():
+    for name in recipe_names():
         resolve_config(load_recipe(name))  # raises ConfigError on a value out of range
 
 
@@ -230,9 +239,9 @@ def test_print_config(capsys):
 
 
 def test_linear_lr_scaling():
-    cfg = dict(BASE, lr=2e-3, lr_base_batch=2048, batch_size=128, accum_steps=2)
+    cfg = TrainConfig.from_dict(dict(lr=2e-3, lr_base_batch=2048, batch_size=128, accum_steps=2))
     assert scaled_lr(cfg, world_size=4) == (pytest.approx(1e-3), 1024)
-    assert scaled_lr(dict(cfg, lr_scaling="none"), world_size=4) == (2e-3, 1024)
+    assert scaled_lr(cfg.replace(lr_scaling="none"), world_size=4) == (2e-3, 1024)
 
 
 # -- a run and what it leaves behind ----------------------------------------------------------------------
@@ -331,8 +340,7 @@ def test_existing_run_is_not_overwritten(digits_run):
 
 # -- checkpoints: atomic, NaN stop, exact resume ----------------------------------------------------------
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
-    fake = SimpleNamespace(out=tmp_path)
-    Trainer.save(fake, {"w": torch.ones(3)}, "last.pth")
+    save_checkpoint({"w": torch.ones(3)}, tmp_path, "last.pth")
     before = (tmp_path / "last.pth").read_bytes()
 
     def crash_half_way(self, data):  # a crash (kill, full disk) in the middle of writing
@@ -342,7 +350,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_bytes", crash_half_way)
     with pytest.raises(OSError):
-        Trainer.save(fake, {"w": torch.zeros(10_000)}, "last.pth")
+        save_checkpoint({"w": torch.zeros(10_000)}, tmp_path, "last.pth")
     assert (tmp_path / "last.pth").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temp file left behind
 
@@ -442,7 +450,7 @@ def test_finetune_to_another_class_count(digits_run, tmp_path):
     make_tree(tmp_path / "d" / "train", {"red": 6, "green": 6, "blue": 6})
     make_tree(tmp_path / "d" / "val", {"red": 2, "green": 2, "blue": 2}, seed=1)
     cfg = tiny_cfg(tmp_path / "r", "--data-dir", str(tmp_path / "d"), "--finetune", str(src), batch_size=6, epochs=2)
-    trainer = Trainer(dict(cfg), "ft")
+    trainer = Trainer(cfg, "ft")
     with pytest.warns(UserWarning, match="re-initialised"):
         trainer.build()
     source = torch.load(src, weights_only=True)["model"]
@@ -458,8 +466,8 @@ def test_finetune_to_another_class_count(digits_run, tmp_path):
 
 # -- the demo ---------------------------------------------------------------------------------------------
 def test_demo_trains_and_predicts(tmp_path, capsys):
-    from seqvision.demo import build_parser as demo_parser
-    from seqvision.demo import run as demo_run
+    from seqvision.commands.demo import build_parser as demo_parser
+    from seqvision.commands.demo import run as demo_run
 
     argv = ["--output", str(tmp_path / "demo"), "--epochs", "1", "--samples", "4"]
     argv += tiny_set_args(exclude=("epochs",))  # the tiny model; --epochs 1 stays
@@ -515,10 +523,12 @@ def test_fsdp_two_processes_with_gloo(tmp_path):
     assert summary["world_size"] == 2 and summary["updates_per_rank"] == [math.ceil(per_rank / 2)] * 2
     assert "FSDP" in r.stdout
     from seqvision import evaluate as ev
+    from seqvision.data import open_dataset
     from seqvision.inference import load_model
 
-    loaded = load_model(out / "best.pth")  # the evaluator's own pipeline, independent of the trainer's
-    result, _ = ev.validate(loaded, ev.open_data("digits"), ev.eval_data_config(loaded), torch.device("cpu"))
+    loaded = load_model(out / "best.pth")  # the evaluator's own pipeline, rebuilt from the file alone
+    data = open_dataset("digits", "val")
+    result, _ = ev.validate(loaded, data, ev.eval_data_config(loaded), torch.device("cpu"))
     assert result.n == 360 and result.top1 == pytest.approx(summary["best_top1"], abs=0.01)
 
     # Resuming a sharded run: each rank reloads its shard of the optimiser state and training goes on.
@@ -540,3 +550,107 @@ def test_compiled_training_writes_plain_checkpoints(tmp_path):
     state = torch.load(tmp_path / "c" / "last.pth", weights_only=True)
     assert not any("_orig_mod" in k for k in state["model"])
     assert load_model(tmp_path / "c" / "best.pth").model.num_classes == 10
+
+
+def test_bad_model_kwargs_values_are_one_line(tmp_path, capsys):
+    rc = main(["--output", str(tmp_path / "r"), *tiny_set_args(), "--set", "model_kwargs.layers=[1,1]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "model_kwargs do not build a sequencer2d_s" in err
+
+
+# -- the run directory -----------------------------------------------------------------------------------
+def test_output_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("mine")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        assert main(["--output", str(out), *tiny_set_args()]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(tmp_path / "f") in err and "Traceback" not in err
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_files_seqvision_did_not_write_are_never_replaced(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.json").write_text('{"my": "notes"}')
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="summary.json that no seqvision run wrote"):
+        train(tiny_cfg(out))
+    assert (out / "summary.json").read_text() == '{"my": "notes"}' and (out / "notes.txt").read_text() == "keep"
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    from seqvision.train.rundir import RunDir
+
+    holder = RunDir(tmp_path / "r")
+    holder.claim(resuming=False, overwrite=False)
+    try:
+        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()} on "):
+            Trainer(tiny_cfg(tmp_path / "r"))
+    finally:
+        holder.release()
+    Trainer(tiny_cfg(tmp_path / "r")).close()  # free again once the holder is gone
+
+
+def test_stale_temporary_files_are_removed_on_resume(digits_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run[0], run)
+    stale = run / ".last.pth.k3j2x9.tmp.pth"  # what a kill during atomic_write leaves
+    stale.write_bytes(b"half a checkpoint")
+    mine = run / ".my-notes.tmp"
+    mine.write_text("not ours")
+    trainer = Trainer(tiny_cfg(run), resume=run)
+    trainer.close()
+    assert not stale.exists() and mine.exists()
+    log = capsys.readouterr().out
+    assert "removed 1 temporary file(s) left by an interrupted write: .last.pth.k3j2x9.tmp.pth" in log
+
+
+def test_results_follow_the_umask(digits_run):
+    mask = os.umask(0)
+    os.umask(mask)
+    out = digits_run[0]
+    for name in ("last.pth", "best.pth", "metrics.csv", "summary.json", "curves.png"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+@pytest.mark.slow
+def test_sigterm_ends_in_one_line_with_the_resume_command(tmp_path):
+    out = tmp_path / "r"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seqvision.train", "--output", str(out), *tiny_set_args(epochs=3, save_every_steps=3)],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 240
+    while not (out / "last.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        f"seqvision train: stopped by SIGTERM; `seqvision train --resume {out}` continues from its last checkpoint"
+    ]
+    torch.load(out / "last.pth", weights_only=True)  # the checkpoint it points to is whole
+
+
+# -- a torchvision set, trained and then validated -------------------------------------------------------
+def test_model_trained_on_a_torchvision_set_validates_on_it(tmp_path):
+    """Train on a generated tree in torchvision's StanfordCars layout, then `seqvision validate --dataset
+    stanford_cars` scores the checkpoint with the evaluator's own pipeline: the same top-1 as the run's."""
+    from train_helpers import make_stanford_cars
+
+    make_stanford_cars(tmp_path / "cars", n_train=32, n_test=10)
+    out = tmp_path / "run"
+    argv = ["--dataset", "stanford_cars", "--data-dir", str(tmp_path / "cars"), *tiny_set_args(batch_size=8, epochs=2)]
+    summary = train(tiny_cfg(out, *argv))
+    results = tmp_path / "results"
+    rc = cli_main(["validate", "--checkpoint", str(out / "best.pth"), "--dataset", "stanford_cars", "--data-dir",
+                   str(tmp_path / "cars"), "--device", "cpu", "--workers", "0", "--output-dir", str(results)])
+    assert rc == 0
+    res = json.loads((results / "validate.json").read_text())
+    assert res["images"] == 10 and res["labels_matched"] == "by class name"
+    assert res["top1"] == pytest.approx(summary["best_top1"], abs=0.01) and res["top1"] > 50

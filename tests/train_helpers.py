@@ -58,6 +58,31 @@ def make_tree(root: Path, classes: dict[str, int], size: int = 12, seed: int = 0
     return root
 
 
+def make_stanford_cars(root: Path, n_train: int, n_test: int, size: tuple[int, int] = (12, 10)) -> list[str]:
+    """A tree in torchvision's StanfordCars layout under ``root/stanford_cars`` (images and the .mat files);
+    two classes, told apart by colour (class 1 red, class 0 blue). Returns the class names."""
+    from scipy.io import savemat
+
+    base = root / "stanford_cars"
+    names = ["AM General Hummer", "Acura RL"]
+    rng = np.random.default_rng(0)
+    fields = [(f, "O") for f in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")]
+    for split, folder, n in (("train", "cars_train", n_train), ("test", "cars_test", n_test)):
+        (base / folder).mkdir(parents=True)
+        annos = []
+        for i in range(n):
+            fname = f"{split}{i:03d}.jpg"
+            colour = np.array((200, 20, 20) if i % 2 else (20, 20, 200), np.uint8)
+            noise = rng.integers(0, 3, (size[1], size[0], 3), dtype=np.uint8) if i >= 2 else 0
+            Image.fromarray(np.broadcast_to(colour, (size[1], size[0], 3)) + noise).save(base / folder / fname)
+            annos.append((1, 1, size[0] - 2, size[1] - 2, i % 2 + 1, fname))
+        mat = base / ("devkit/cars_train_annos.mat" if split == "train" else "cars_test_annos_withlabels.mat")
+        mat.parent.mkdir(exist_ok=True)
+        savemat(mat, {"annotations": np.array(annos, dtype=fields)})
+    savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(names, dtype=object)})
+    return names
+
+
 def subprocess_env(threads: int = 1) -> dict[str, str]:
     """Environment for a child training process: one thread each (the machine is small and shared)."""
     env = dict(os.environ)

@@ -8,36 +8,28 @@ of 0.5/255 (the Sequencer authors' robustness evaluation). Adversarial images ar
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cli import non_negative_float, positive_float, positive_int
-from ..data import ItemDataset
-from ..errors import UserError
-from ..evaluate import (
+from ..commands.common import (
     add_model_args,
-    autocast,
-    eval_data_config,
-    eval_transform,
     format_table,
-    iterate_batches,
-    load_any_model,
-    make_loader,
-    num_outputs,
+    non_negative_float,
     open_data,
     output_dir,
-    pick_device,
-    remap,
+    positive_float,
+    positive_int,
     report_skipped,
-    target_mapping,
-    write_csv,
-    write_json,
 )
+from ..errors import UserError
+from ..evaluate import eval_data_config, eval_loader, eval_transform, iterate_batches, num_outputs, target_mapping
+from ..files import write_csv, write_json
+from ..inference import load_any_model
+from ..runtime import autocast, pick_device, rnn_grad_mode
 
 DEFAULT_EPS = 1 / 255
 DEFAULT_STEPS = 5
@@ -56,27 +48,6 @@ class Normalized(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model((x - self.mean) / self.std)
-
-
-@contextlib.contextmanager
-def rnn_grad_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Let gradients flow through RNNs of a model in eval mode.
-
-    cuDNN computes RNN backward only in training mode. Switching the RNN modules (and only them) to
-    training mode changes nothing else for dropout-free RNNs, which is every Sequencer; RNNs with dropout
-    are left alone and cuDNN is turned off instead.
-    """
-    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
-    switch = [m for m in rnns if m.dropout == 0 and not m.training]
-    no_cudnn = any(m.dropout > 0 for m in rnns)
-    for m in switch:
-        m.train()
-    try:
-        with torch.backends.cudnn.flags(enabled=False) if no_cudnn else contextlib.nullcontext():
-            yield model
-    finally:
-        for m in switch:
-            m.eval()
 
 
 def _loss_grad(model: nn.Module, x: Tensor, y: Tensor, amp: bool) -> Tensor:
@@ -202,14 +173,13 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     loaded = load_any_model(args.model, args.checkpoint, device, args.pretrained)
     cfg = eval_data_config(loaded, args.img_size, args.crop_pct, args.interpolation)
-    data = open_data(args.data_dir, args.split, args.max_images)
+    data = open_data(args)
     mapping, _ = target_mapping(data.class_names, loaded.class_names, num_outputs(loaded.model))
-    items = remap(data, mapping)
-    ds = ItemDataset(items, eval_transform(cfg, normalize=False))
+    loader = eval_loader(data, eval_transform(cfg, normalize=False), mapping, args.batch_size, args.workers)
     model = Normalized(loaded.model, cfg["mean"], cfg["std"]).to(device).eval()
     res = robust_accuracy(
         model,
-        make_loader(ds, args.batch_size, args.workers),
+        loader,
         device,
         args.eps / 255,
         args.steps,

@@ -19,26 +19,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data import ItemDataset
+from ..commands.common import add_model_args, format_table, open_data, output_dir, report_skipped
 from ..errors import UserError
-from ..evaluate import (
-    add_model_args,
-    autocast,
-    eval_data_config,
-    eval_transform,
-    format_table,
-    iterate_batches,
-    load_any_model,
-    make_loader,
-    new_figure,
-    open_data,
-    output_dir,
-    pick_device,
-    report_skipped,
-    write_csv,
-    write_json,
-)
-from .adversarial import rnn_grad_mode
+from ..evaluate import eval_data_config, eval_loader, eval_transform, iterate_batches
+from ..files import atomic_write, write_csv, write_json
+from ..inference import load_any_model
+from ..plots import new_figure, save_figure
+from ..runtime import autocast, pick_device, rnn_grad_mode
 
 LAYOUTS = ("auto", "NCHW", "NHWC")
 
@@ -160,7 +147,6 @@ def erf_stats(raw: np.ndarray, scaled: np.ndarray) -> dict[str, Any]:
 
 def plot_erfs(maps: dict[str, np.ndarray], out_dir: Path, title: str, cmap: str = "RdYlGn") -> list[Path]:
     """One PNG per layer and one with all layers side by side, every one on the same 0..1 scale."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, m in maps.items():
         fig = new_figure(4, 3.6)
@@ -169,9 +155,7 @@ def plot_erfs(maps: dict[str, np.ndarray], out_dir: Path, title: str, cmap: str 
         ax.set_title(f"{title}: {name}", fontsize=9)
         ax.axis("off")
         fig.colorbar(im, ax=ax, shrink=0.8)
-        p = out_dir / f"erf_{name.replace('.', '_')}.png"
-        fig.savefig(p, dpi=100)
-        paths.append(p)
+        paths.append(save_figure(fig, out_dir / f"erf_{name.replace('.', '_')}.png"))
     n = len(maps)
     fig = new_figure(3 * n + 1, 3.2)
     axes = fig.subplots(1, n, squeeze=False)[0]
@@ -181,9 +165,7 @@ def plot_erfs(maps: dict[str, np.ndarray], out_dir: Path, title: str, cmap: str 
         ax.axis("off")
     fig.colorbar(im, ax=list(axes), shrink=0.8, label="log10(grad + 1), shared min-max")
     fig.suptitle(title)
-    p = out_dir / "erf.png"
-    fig.savefig(p, dpi=100)
-    return [p, *paths]
+    return [save_figure(fig, out_dir / "erf.png"), *paths]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,9 +194,8 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     loaded = load_any_model(args.model, args.checkpoint, device, args.pretrained)
     cfg = eval_data_config(loaded, args.img_size, args.crop_pct, args.interpolation)
-    data = open_data(args.data_dir, args.split, args.max_images)
-    items = data.items
-    loader = make_loader(ItemDataset(items, eval_transform(cfg)), args.batch_size, args.workers)
+    data = open_data(args)
+    loader = eval_loader(data, eval_transform(cfg), batch_size=args.batch_size, workers=args.workers)
     skipped: list[str] = []
     batches = (x for x, _ in iterate_batches(loader, args.on_error, skipped))
     layers = args.layers or default_layers(loaded.model)
@@ -223,8 +204,7 @@ def run(args: argparse.Namespace) -> int:
     scaled = shared_minmax(log_maps(raw))
     rows = [dict(layer=n, **info[n], **erf_stats(raw[n], scaled[n])) for n in layers]
     out = output_dir(args, "erf")
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "erf.npz", **{n: raw[n] for n in layers})
+    atomic_write(out / "erf.npz", lambda tmp: np.savez_compressed(tmp, **{n: raw[n] for n in layers}))
     files = [
         write_json(
             out / "erf.json",
@@ -232,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
                 model=loaded.name,
                 data=data.source,
                 input_size=cfg["input_size"][-1],
-                images=len(items) - len(skipped),
+                images=len(data) - len(skipped),
                 layers=rows,
                 skipped_images=skipped,
             ),
@@ -252,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         out / "erf.npz",
         *plot_erfs({n: scaled[n] for n in layers}, out, loaded.name),
     ]
-    print(f"{loaded.name}: ERF over {len(items) - len(skipped)} images at {cfg['input_size'][-1]} px")
+    print(f"{loaded.name}: ERF over {len(data) - len(skipped)} images at {cfg['input_size'][-1]} px")
     print(
         format_table(
             ["layer", "feature map", "centre", "peak (y, x)", "area >= 1% of peak"],

@@ -16,30 +16,22 @@ from typing import Any
 
 import torch
 
-from ..cli import positive_float, positive_int
-from ..data import ItemDataset
-from ..errors import UserError
-from ..evaluate import (
-    LabelledImages,
+from ..commands.common import (
     add_model_args,
-    eval_data_config,
-    eval_transform,
-    evaluate,
     format_table,
-    load_any_model,
-    make_loader,
-    new_figure,
-    num_outputs,
     open_data,
     output_dir,
-    pick_device,
-    remap,
+    positive_float,
+    positive_int,
     report_skipped,
-    target_mapping,
-    write_csv,
-    write_json,
 )
-from ..inference import LoadedModel
+from ..data import LabelledImages
+from ..errors import UserError
+from ..evaluate import eval_data_config, eval_loader, eval_transform, evaluate, num_outputs, target_mapping
+from ..files import write_csv, write_json
+from ..inference import LoadedModel, load_any_model
+from ..plots import new_figure, save_figure
+from ..runtime import pick_device
 
 DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
@@ -69,14 +61,14 @@ def resolution_sweep(
     """
     train_size = train_size or eval_data_config(loaded)["input_size"][-1]
     mapping, _ = target_mapping(data.class_names, loaded.class_names, num_outputs(loaded.model))
-    items = remap(data, mapping)
     rows, skipped = [], []
     for size in sizes:
-        cfg = eval_data_config(loaded, size, crop_pct)
-        ds = ItemDataset(items, eval_transform(cfg))
+        loader = eval_loader(
+            data, eval_transform(eval_data_config(loaded, size, crop_pct)), mapping, batch_size, workers
+        )
         row: dict[str, Any] = dict(model=loaded.name, size=size, scale=size / train_size)
         try:
-            r = evaluate(loaded.model, make_loader(ds, batch_size, workers), device, amp, on_error=on_error)
+            r = evaluate(loaded.model, loader, device, amp, on_error=on_error)
         except (RuntimeError, AssertionError, UserError) as e:
             # Models tied to one input size fail here; record why and go on with the other sizes.
             row.update(
@@ -110,10 +102,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, train_sizes: di
     ax.set_title("resolution adaptability")
     ax.grid(alpha=0.3)
     ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     models = [load_any_model(args.model, args.checkpoint, device, args.pretrained)]
     if args.compare:
         models.append(_load_compare(args.compare, args.compare_checkpoint, device, args.compare_pretrained))
-    data = open_data(args.data_dir, args.split, args.max_images)
+    data = open_data(args)
     rows, skipped, train_sizes = [], [], {}
     # Every model runs at the same absolute sizes (0.5x .. 2x the first model's size), as in the paper's figure.
     own = eval_data_config(models[0], args.img_size)["input_size"][-1]

@@ -26,30 +26,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import ItemDataset
+from ..commands.common import add_model_args, format_table, output_dir, report_skipped
+from ..data import LabelledImages, image_folder
 from ..errors import DataError
 from ..evaluate import (
     EvalResult,
-    LabelledImages,
-    add_model_args,
     eval_data_config,
+    eval_loader,
     eval_transform,
     evaluate,
-    format_table,
-    image_folder,
-    load_any_model,
-    make_loader,
     num_outputs,
-    output_dir,
-    pick_device,
-    remap,
-    report_skipped,
-    subsample,
     target_mapping,
-    write_csv,
-    write_json,
 )
-from ..inference import LoadedModel
+from ..files import write_csv, write_json
+from ..inference import LoadedModel, load_any_model
+from ..runtime import pick_device
 
 # AlexNet's top-1 error on each ImageNet-C corruption, averaged over the 5 severities: the normaliser of
 # CE. Published with ImageNet-C (Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common
@@ -145,7 +136,7 @@ class Runner:
 
     def run(self, data: LabelledImages, subset: str | None = None) -> EvalResult:
         """Top-1 etc. on ``data``; ``subset`` ("imagenet-a"/"imagenet-r") scores the 200 masked logits."""
-        data = subsample(data, self.max_images)
+        data = data.subsample(self.max_images)
         if subset is None:
             mapping, _ = target_mapping(data.class_names, self.loaded.class_names, num_outputs(self.loaded.model))
             class_index = None
@@ -158,10 +149,9 @@ class Runner:
             if unknown:
                 raise DataError(f"{data.source}: folders {unknown[:5]} are not {subset} classes (wnids expected)")
             mapping, class_index = [pos[c] for c in data.class_names], list(indices)
-        ds = ItemDataset(remap(data, mapping), self.transform)
         result = evaluate(
             self.loaded.model,
-            make_loader(ds, self.batch_size, self.workers),
+            eval_loader(data, self.transform, mapping, self.batch_size, self.workers),
             self.device,
             self.amp,
             class_index=class_index,
@@ -218,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("benchmark", choices=BENCHMARKS, help="which layout / protocol the data follows")
-    add_model_args(p)
+    add_model_args(p, named_sets=False)
     p.add_argument(
         "--corruptions",
         nargs="+",
@@ -231,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.data_dir is None:
+        raise DataError(f"give the {args.benchmark} folder with --data-dir")
     device = pick_device(args.device)
     loaded = load_any_model(args.model, args.checkpoint, device, args.pretrained)
     # ImageNet-C images are stored at 224 px already: no further crop (the authors' crop_pct 1.0).

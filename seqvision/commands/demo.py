@@ -9,8 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.data import create_transform
 
-from .cli import non_negative_int, positive_int
+from ..data import digits_images, digits_split
+from ..inference import load_model
+from ..train import load_recipe, parse_set, resolve_config, train
+from .common import non_negative_int, positive_int
 
 SHADES = " .:-=+*#%@"  # ink 0..16 -> characters, darkest last
 
@@ -38,11 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
 def predict_digits(checkpoint: str | Path, samples: int = 12) -> dict:
     """Predictions of the model in ``checkpoint`` for ``samples`` validation digits spread over the split,
     and its top-1 over the whole validation split."""
-    from timm.data import create_transform
-
-    from .data import digits_images, digits_split
-    from .inference import load_model
-
     loaded = load_model(checkpoint)
     transform = create_transform(**loaded.data_config, is_training=False)
     items = digits_images("val")
@@ -83,18 +82,13 @@ def render(shown: list[dict], per_row: int = 6) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .train import build_parser as train_parser
-    from .train import config_from_args, train
-
     out = Path(args.output)
     t0 = time.time()
     if not args.skip_train:
-        argv = ["--output", str(out), "--overwrite"]
-        argv += ["--epochs", str(args.epochs)] if args.epochs is not None else []
-        for item in args.set or []:
-            argv += ["--set", item]
-        cfg, name = config_from_args(train_parser().parse_args(argv))
-        train(cfg, name, overwrite=True)
+        overrides = {"output": str(out), **parse_set(args.set)}
+        if args.epochs is not None:
+            overrides["epochs"] = args.epochs
+        train(resolve_config(load_recipe("digits"), overrides), "digits", overwrite=True)
     ckpt = out / "best.pth"
     result = predict_digits(ckpt, args.samples)
     print(f"\npredictions of {ckpt} on validation digits (8x8 scans, shown as text):\n")
