@@ -56,6 +56,21 @@ def non_negative_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 0, "an integer of 0 or more")
 
 
+# The largest input side (pixels) a command resizes images to: far above any recipe (224 .. 448), far below the
+# sizes whose activations cannot fit in memory.
+MAX_IMG_SIZE = 4096
+
+
+def image_size(text: str) -> int:
+    """argparse type: an input size in pixels, 1 to ``MAX_IMG_SIZE``."""
+    return _number(text, int, lambda v: 1 <= v <= MAX_IMG_SIZE, f"a size in pixels from 1 to {MAX_IMG_SIZE}")
+
+
+def crop_fraction(text: str) -> float:
+    """argparse type: a centre-crop fraction from 0.25 to 2 (timm's models use 0.75 .. 1)."""
+    return _number(text, float, lambda v: 0.25 <= v <= 2.0, "a crop fraction from 0.25 to 2")
+
+
 def positive_float(text: str) -> float:
     """argparse type: a number above 0 (step sizes, crop fractions)."""
     return _number(text, float, lambda v: v > 0, "a number above 0")
@@ -215,6 +230,9 @@ def _main_help() -> str:
         commands:
         {rows}
 
+        options for every command:
+          --debug        show the Python traceback of an internal error (or set SEQVISION_DEBUG=1)
+
         example:
           seqvision models --flops       # every variant with its cost
         """
@@ -234,6 +252,8 @@ def get_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("SEQVISION_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_main_help())
         return 0
@@ -243,19 +263,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seqvision {__version__}")
         return 0
     _quiet_warnings()
+    _printable_stdout()
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"seqvision: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    parser, run = get_parser(command)
-    args = parser.parse_args(rest)
     try:
+        parser, run = get_parser(command)
+        args = parser.parse_args(rest)
         return int(run(args) or 0)
     except UserError as e:
-        if os.environ.get("SEQVISION_DEBUG"):
+        if debug:
             raise
         print(f"seqvision {command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug, not the user's input: one line, the trace on request
+        if debug:
+            raise
+        text = str(e).strip().splitlines()
+        what = f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+        print(
+            f"seqvision {command}: internal error: {what}; run with --debug (or SEQVISION_DEBUG=1) for the traceback",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _printable_stdout() -> None:
+    # A file name or class name the terminal's encoding cannot show is printed escaped, not a crash.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="backslashreplace")
+        except (ValueError, OSError):
+            pass
 
 
 def _quiet_warnings() -> None:

@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from .errors import DataError
+from .images import display_path, open_image, to_rgb
 
 DIGITS_SEED = 0  # the train/val split of `digits` never changes (seqvision validate relies on it)
 DIGITS_VAL_FRACTION = 0.2
@@ -75,14 +76,8 @@ def digits_images(split: str, size: int | None = None) -> list[tuple[Image.Image
 
 # -- datasets ----------------------------------------------------------------------------------------------
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image; DataError naming the file when it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path}: cannot read image ({reason})") from None
+    """An 8-bit RGB image; DataError naming the file when it cannot be read (``seqvision.images.open_image``)."""
+    return open_image(path)
 
 
 class ItemDataset(Dataset):
@@ -98,12 +93,13 @@ class ItemDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor | None, int, str]:
         src, target = self.items[i]
         try:
-            img = src.convert("RGB") if isinstance(src, Image.Image) else load_image(src)
+            img = to_rgb(src) if isinstance(src, Image.Image) else load_image(src)
             return (self.transform(img) if self.transform else img), target, ""
         except DataError as e:
             return None, target, str(e)
-        except (OSError, ValueError) as e:  # e.g. a truncated file that opens but fails to decode
-            return None, target, f"{src}: cannot read image ({e})"
+        except (OSError, ValueError) as e:  # e.g. the transform fails on this image
+            where = "image" if isinstance(src, Image.Image) else display_path(src)
+            return None, target, f"{where}: cannot read image ({e})"
 
 
 class TorchvisionDataset(Dataset):
@@ -199,10 +195,12 @@ def _torchvision_splits(name: str, root: Path, train_tf: Callable, val_tf: Calla
         if name in ("cifar10", "cifar100"):
             train, val = cls(root, train=True, download=False), cls(root, train=False, download=False)
         elif name == "flowers102":  # the paper trains on train + val (2,040) and tests on test (6,149)
-            parts = [cls(root, split=s, download=False) for s in ("train", "val")]
-            train, val = torch.utils.data.ConcatDataset(parts), cls(root, split="test", download=False)
-        else:
-            train, val = cls(root, split="train", download=False), cls(root, split="test", download=False)
+            parts = [cls(root, split=s, download=False, loader=open_image) for s in ("train", "val")]
+            train = torch.utils.data.ConcatDataset(parts)
+            val = cls(root, split="test", download=False, loader=open_image)
+        else:  # image files: read the way every seqvision command reads them
+            train = cls(root, split="train", download=False, loader=open_image)
+            val = cls(root, split="test", download=False, loader=open_image)
     except (RuntimeError, FileNotFoundError, OSError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{name} not found under {root}: expected {root}/{layout} ({reason})") from None

@@ -31,10 +31,11 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .cli import non_negative_int, positive_float, positive_int
+from .cli import crop_fraction, image_size, non_negative_int, positive_int
 from .data import ItemDataset, image_folder_items
 from .data import digits_images as data_digits
 from .errors import DataError, UserError
+from .images import display_path
 from .inference import LoadedModel, default_class_names, quantize_dynamic
 
 ON_ERROR = ("skip", "fail")
@@ -176,12 +177,35 @@ def load_any_model(
         if head_w is not None:
             timm_kwargs.setdefault("num_classes", head_w.shape[0])
         model = timm.create_model(name, pretrained=False, **timm_kwargs)
-        model.load_state_dict(sd)
+        _load_timm_weights(model, sd, checkpoint, name, info)
     else:
         model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
     model.eval().to(device)
     names = list(info.get("class_names") or default_class_names(model.num_classes))
     return LoadedModel(model, name, names, resolve_data_config(dict(info.get("data_config") or {}), model=model))
+
+
+def _load_timm_weights(model: nn.Module, sd: dict[str, Tensor], checkpoint: Any, name: str, info: dict) -> None:
+    """Load ``sd`` into the timm model ``name``; a one-line CheckpointError when it is another model's."""
+    from .errors import CheckpointError
+
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {what} (e.g. {v[0]})" for v, what in ((missing, "missing keys"),
+                 (unexpected, "unexpected keys"), (shapes, "shape mismatches")) if v]  # fmt: skip
+        holds = info.get("model_name")
+        hint = f"; it holds a {holds}: leave out --model or pass --model {holds}" if holds else ""
+        raise CheckpointError(f"{display_path(checkpoint)} does not fit {name}: {', '.join(parts)}{hint}")
+    names = info.get("class_names")
+    if names is not None and len(names) != getattr(model, "num_classes", len(names)):
+        raise CheckpointError(
+            f"{display_path(checkpoint)}: checkpoint metadata class_names lists {len(names)} names "
+            f"for a {model.num_classes}-class {name}"
+        )
+    model.load_state_dict(sd)
 
 
 def eval_data_config(
@@ -331,11 +355,13 @@ def evaluate(
     class_index: Sequence[int] | Tensor | None = None,
     num_classes: int | None = None,
     on_error: str = "skip",
+    source: str | None = None,
 ) -> EvalResult:
     """Top-1 / top-5 accuracy, loss and confusion matrix of ``model`` over ``loader``.
 
     ``class_index`` keeps only those output columns, in that order (the 200-class ImageNet-A / -R
-    subsets of a 1000-way model); targets then index into the kept columns.
+    subsets of a 1000-way model); targets then index into the kept columns. ``source`` names the data in
+    the error raised when no image could be read.
     """
     device = torch.device(device)
     model.eval()
@@ -369,7 +395,9 @@ def evaluate(
         n += len(y)
     wall = time.perf_counter() - start
     if n == 0:
-        raise DataError("no image could be evaluated" + (f" ({len(skipped)} unreadable)" if skipped else ""))
+        where = f" in {display_path(source)}" if source else ""
+        why = f" ({len(skipped)} unreadable; the first: {skipped[0]})" if skipped else ""
+        raise DataError(f"no image{where} could be evaluated{why}")
     return EvalResult(
         n=n,
         top1=100.0 * correct1 / n,
@@ -492,8 +520,8 @@ def add_model_args(
     if data:
         p.add_argument("--data-dir", required=True, help="'digits' or an ImageFolder tree (<dir>/<class>/<image>)")
         p.add_argument("--split", help="sub-directory of --data-dir to use (e.g. val); 'train' or 'val' for digits")
-    p.add_argument("--img-size", type=positive_int, help="input size (default: the model's preprocessing)")
-    p.add_argument("--crop-pct", type=positive_float, help="centre-crop fraction (default: the model's preprocessing)")
+    p.add_argument("--img-size", type=image_size, help="input size (default: the model's preprocessing)")
+    p.add_argument("--crop-pct", type=crop_fraction, help="centre-crop fraction (default: the model's preprocessing)")
     p.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="resize interpolation")
     if data:
         p.add_argument("--max-images", type=positive_int, help=max_images_help)
@@ -553,7 +581,8 @@ def validate(
     """Evaluate ``loaded`` on ``data`` with preprocessing ``cfg``; returns the result and how labels matched."""
     mapping, how = target_mapping(data.class_names, loaded.class_names, num_outputs(loaded.model))
     ds = ItemDataset(remap(data, mapping), eval_transform(cfg))
-    result = evaluate(loaded.model, make_loader(ds, batch_size, workers), device, amp, on_error=on_error)
+    loader = make_loader(ds, batch_size, workers)
+    result = evaluate(loaded.model, loader, device, amp, on_error=on_error, source=data.source)
     return result, how
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .cli import positive_int
+from .cli import image_size, positive_int
 from .errors import UserError
 from .inference import load_model
 from .weights import atomic_write
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights to export (any format seqvision reads)")
     p.add_argument("--model", help="variant name (needed only when the checkpoint does not say)")
     p.add_argument("--pretrained", action="store_true", help="export the published weights of --model")
-    p.add_argument("--img-size", type=positive_int, help="example / check size (default: the model's input size)")
+    p.add_argument("--img-size", type=image_size, help="example / check size (default: the model's input size)")
     p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default 17)")
     p.add_argument(
         "--quantize", choices=("dynamic",),

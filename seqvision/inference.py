@@ -16,9 +16,10 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from .errors import CheckpointError
+from .checkpoint_meta import check_against_tensors, model_build_kwargs
+from .errors import CheckpointError, UserError
 from .models import create_model, resolve_name
-from .weights import HEAD_KEYS, guess_variant, load_weights, read_checkpoint
+from .weights import HEAD_KEYS, authors_to_timm, detect_format, guess_variant, load_weights, read_checkpoint_meta
 
 
 @dataclass
@@ -50,24 +51,48 @@ def load_model(
     ``model_name`` is needed only when the file does not say which variant it holds and its shapes
     match no registered variant (e.g. a custom-width model saved by another tool).
     """
+    device = check_device(device)
     if checkpoint is None:
         if model_name is None:
             raise CheckpointError("give a checkpoint (--checkpoint) or a model name with published weights")
         model = create_model(model_name, pretrained=pretrained)
         return _finish(model, resolve_name(model_name), {}, device)
 
-    sd, info = read_checkpoint(checkpoint)
-    name = model_name or info.get("model_name") or guess_variant(sd)
+    sd, meta = read_checkpoint_meta(checkpoint)
+    name = model_name or meta.model_name or guess_variant(sd)
     if name is None:
         raise CheckpointError(f"cannot tell which model {checkpoint} is for: pass the variant name (--model)")
-    kwargs = dict(info.get("model_kwargs") or {})
-    head = sd.get("head.fc.weight")
-    kwargs["num_classes"] = head.shape[0] if head is not None else 0
-    if model_name and info.get("model_name") and resolve_name(model_name) != resolve_name(info["model_name"]):
-        raise CheckpointError(f"{checkpoint} holds a {info['model_name']}, not a {model_name}")
-    model = create_model(name, **kwargs)
-    load_weights(model, {k: v for k, v in sd.items() if head is not None or k not in HEAD_KEYS})
-    return _finish(model, resolve_name(name), info, device)
+    if model_name and meta.model_name and resolve_name(model_name) != resolve_name(meta.model_name):
+        raise CheckpointError(f"{checkpoint} holds a {meta.model_name}, not a {model_name}")
+    native = authors_to_timm(sd) if detect_format(sd) == "authors" else sd
+    # The shapes are compared only when the metadata names the model; for a bare file, load_weights says
+    # what does not fit the --model variant.
+    check_against_tensors(meta, native, str(checkpoint), resolve_name(name) if meta.describes_model else None)
+    head = native.get("head.fc.weight")
+    model = create_model(name, **model_build_kwargs(meta, native))
+    try:
+        load_weights(model, {k: v for k, v in native.items() if head is not None or k not in HEAD_KEYS})
+    except CheckpointError as e:  # it names the weights "state dict": name the file instead
+        raise CheckpointError(str(e).replace("state dict", str(checkpoint), 1)) from None
+    return _finish(model, resolve_name(name), meta.to_info(), device)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device that exists here; a one-line UserError for a name torch does not know
+    or a device this machine lacks (``cuda`` without CUDA, ``cuda:3`` with two GPUs)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UserError(f"unknown device {str(device)!r} ({str(e).splitlines()[0]}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None) if dev.type in ("cuda", "mps", "xpu") else None
+    if backend is None or not backend.is_available():
+        raise UserError(f"device {dev} was asked for but {dev.type} is not available here; use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise UserError(f"device {dev} was asked for but this machine has {count} {dev.type} device(s)")
+    return dev
 
 
 def _finish(model: nn.Module, name: str, info: dict[str, Any], device: str | torch.device) -> LoadedModel:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..cli import positive_float, positive_int
+from ..cli import MAX_IMG_SIZE, image_size, positive_float
 from ..data import ItemDataset
 from ..errors import UserError
 from ..evaluate import (
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--sizes", nargs="+", type=positive_int, help="input sizes in pixels")
+    g.add_argument("--sizes", nargs="+", type=image_size, help="input sizes in pixels")
     g.add_argument(
         "--scales",
         nargs="+",
@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     # Every model runs at the same absolute sizes (0.5x .. 2x the first model's size), as in the paper's figure.
     own = eval_data_config(models[0], args.img_size)["input_size"][-1]
     all_sizes = sorted(set(args.sizes)) if args.sizes else sweep_sizes(own, args.scales)
+    if all_sizes[-1] > MAX_IMG_SIZE:
+        raise UserError(f"--scales gives {all_sizes[-1]} px, above the largest input size ({MAX_IMG_SIZE} px)")
     for loaded in models:
         train_sizes[loaded.name] = own if loaded is models[0] else eval_data_config(loaded)["input_size"][-1]
         min_size = getattr(loaded.model, "min_input_size", 1)
