@@ -12,7 +12,8 @@ decompression bomb, a photo whose EXIF says "rotate me", a 16-bit scan or a floa
 - Images with more than ``max_image_pixels()`` pixels are refused from the header, before any pixel is
   decoded (a header that lies about its size is refused the same way). The limit is Pillow's
   ``Image.MAX_IMAGE_PIXELS`` unless the environment variable ``SEQVISION_MAX_IMAGE_PIXELS`` sets another
-  (``0`` or ``none``: no limit); the refusal says how to raise it.
+  (``0`` or ``none``: no limit); the refusal says how to raise it. Empty images and strips longer than
+  ``MAX_ASPECT``:1 are refused too: resizing their short side to a square model input would be huge.
 - EXIF orientation is applied (``ImageOps.exif_transpose``): the image is seen the way a viewer shows it.
 - 16-bit integer images (``I;16*``, and ``I`` with values in 0..65535, which is how Pillow opens 16-bit PNG,
   TIFF and PGM files) are scaled by 255/65535, the full-range convention torchvision's ``decode_image`` +
@@ -39,6 +40,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import DataError
 
 MAX_PIXELS_ENV = "SEQVISION_MAX_IMAGE_PIXELS"
+# Evaluation resizes the short side to the model's input size: a 1 x 60000 strip would become 256 x 15 M.
+MAX_ASPECT = 100
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -91,8 +94,8 @@ def open_image(path: str | os.PathLike, max_pixels: int | None | str = "default"
 
 
 def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
-    """An 8-bit RGB copy of a loaded PIL image of any mode (16-bit and float scaled, transparency over
-    white); ``DataError`` naming ``source`` when the pixel values have no agreed 8-bit scaling."""
+    """A loaded PIL image of any mode as 8-bit RGB (16-bit and float scaled, transparency over white; an RGB
+    image is returned as it is); ``DataError`` naming ``source`` when the values have no agreed 8-bit scale."""
     mode = img.mode
     if mode == "RGB":
         return img
@@ -177,6 +180,11 @@ def _decode(f: IO[bytes], name: str, limit: int | None) -> Image.Image:
             raise DataError(
                 f"{name}: image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} "
                 f"(a guard against decompression bombs); {_how_to_raise(width * height)}"
+            )
+        if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+            raise DataError(
+                f"{name}: image is {width}x{height}: empty or longer than {MAX_ASPECT}:1, which resizing its short "
+                "side to the model's input would blow up; crop it first"
             )
         img.load()
     return ImageOps.exif_transpose(img)

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     results, unreadable = predict(loaded, paths, args.topk, args.batch_size)
     problems += unreadable
     if not results and len(problems) == 1:  # one input, one reason: the error line says it
-        raise UserError(problems[0])
+        raise UserError(f"no image could be predicted: {problems[0]}")
     for line in problems:
         print(f"skipped {line}", file=sys.stderr)
     if args.json:

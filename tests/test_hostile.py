@@ -145,6 +145,16 @@ def test_header_that_lies_about_its_size(tmp_path):
         open_image(short)
 
 
+def test_extreme_aspect_ratio_is_refused(tmp_path):
+    # 60,000 pixels, far under the limit, but the resize of its short side to 256 px would make 3.9 G pixels.
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(_png_bytes(60000, 1, 8, 0, zlib.compress(b"\x00" * 60001)))
+    with pytest.raises(DataError, match=r"strip\.png: image is 60000x1: empty or longer than 100:1"):
+        open_image(strip)
+    Image.fromarray(np.zeros((1, 100), np.uint8)).save(tmp_path / "ok.png")
+    assert open_image(tmp_path / "ok.png").size == (100, 1)
+
+
 def test_pixel_limit_from_the_environment(tmp_path, monkeypatch):
     img = _png(tmp_path / "a.png")
     monkeypatch.setenv("SEQVISION_MAX_IMAGE_PIXELS", "255")
@@ -295,7 +305,8 @@ def test_predict_batch_with_a_bomb_predicts_the_others(tmp_path, ckpt, bomb, cap
 
     # Alone, the bomb is the one error line, with exit code 2.
     assert main(["predict", str(bomb), "--checkpoint", str(ckpt)]) == 2
-    _one_line_error(capsys.readouterr().err, "seqvision predict: error:", str(bomb), "over the limit of")
+    err = capsys.readouterr().err
+    _one_line_error(err, f"seqvision predict: error: no image could be predicted: {bomb}: ", "over the limit of")
 
 
 def _folder(root: Path, per_class: int = 2) -> Path:
@@ -318,13 +329,25 @@ def test_validate_skips_a_bomb_and_evaluates_the_rest(tmp_path, ckpt, bomb, caps
     assert summary["images"] == 6 and summary["skipped"] == 1
 
 
-def test_folder_of_only_unreadable_images_is_named(tmp_path, ckpt, capsys):
-    data = tmp_path / "val"
+def _unreadable_folder(data: Path) -> Path:
     for name in CLASSES:
         (data / name).mkdir(parents=True)
         (data / name / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    assert main(["validate", "--checkpoint", str(ckpt), "--data-dir", str(data), "--workers", "0"]) == 2
-    _one_line_error(capsys.readouterr().err, f"no image in {data} could be evaluated (3 unreadable; the first: ")
+    return data
+
+
+@pytest.mark.parametrize(
+    "command", [["validate"], ["robustness", "folder"], ["adversarial", "--steps", "1"], ["erf"], ["resolution-sweep"]]
+)
+def test_folder_of_only_unreadable_images_is_named(command, tmp_path, ckpt, capsys):
+    data = _unreadable_folder(tmp_path / "val")
+    argv = [*command, "--checkpoint", str(ckpt), "--data-dir", str(data), "--workers", "0"]
+    assert main([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys.readouterr().err, f"no image in {data} could be ", "(3 unreadable; the first: ")
+
+
+def test_predict_folder_of_only_unreadable_images_is_named(tmp_path, ckpt, capsys):
+    data = _unreadable_folder(tmp_path / "val")
     assert main(["predict", str(data), "--checkpoint", str(ckpt)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith(f"skipped {data}/") for line in err[:3])
@@ -569,7 +592,7 @@ def test_validate_timm_model_with_a_seqvision_checkpoint(ckpt, capsys):
         ["validate", "--data-dir", "digits", "--crop-pct", "0.001"],
         ["export", "m.onnx", "--format", "onnx", "--img-size", "100000"],
         ["resolution-sweep", "--data-dir", "digits", "--sizes", "224", "100000"],
-        ["robustness", "--data-dir", "digits", "--img-size", "100000"],
+        ["robustness", "folder", "--data-dir", "digits", "--img-size", "100000"],
         ["adversarial", "--data-dir", "digits", "--img-size", "100000"],
         ["erf", "--data-dir", "digits", "--img-size", "100000"],
     ],

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import ItemDataset
-from ..errors import UserError
+from ..errors import DataError, UserError
 from ..evaluate import (
     add_model_args,
     autocast,
@@ -38,6 +38,7 @@ from ..evaluate import (
     write_csv,
     write_json,
 )
+from ..images import display_path
 from .adversarial import rnn_grad_mode
 
 LAYOUTS = ("auto", "NCHW", "NHWC")
@@ -216,9 +217,16 @@ def run(args: argparse.Namespace) -> int:
     items = data.items
     loader = make_loader(ItemDataset(items, eval_transform(cfg)), args.batch_size, args.workers)
     skipped: list[str] = []
-    batches = (x for x, _ in iterate_batches(loader, args.on_error, skipped))
+    read: list[int] = []  # batches that reached the model
+    batches = (read.append(1) or x for x, _ in iterate_batches(loader, args.on_error, skipped))
     layers = args.layers or default_layers(loaded.model)
-    raw, info = effective_receptive_field(loaded.model, batches, layers, args.layout, device, args.amp)
+    try:
+        raw, info = effective_receptive_field(loaded.model, batches, layers, args.layout, device, args.amp)
+    except UserError:
+        if read or not skipped:
+            raise
+        why = f"{len(skipped)} unreadable; the first: {skipped[0]}"
+        raise DataError(f"no image in {display_path(data.source)} could be read ({why})") from None
     report_skipped(skipped)
     scaled = shared_minmax(log_maps(raw))
     rows = [dict(layer=n, **info[n], **erf_stats(raw[n], scaled[n])) for n in layers]

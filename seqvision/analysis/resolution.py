@@ -18,7 +18,7 @@ import torch
 
 from ..cli import MAX_IMG_SIZE, image_size, positive_float
 from ..data import ItemDataset
-from ..errors import UserError
+from ..errors import DataError, UserError
 from ..evaluate import (
     LabelledImages,
     add_model_args,
@@ -76,7 +76,10 @@ def resolution_sweep(
         ds = ItemDataset(items, eval_transform(cfg))
         row: dict[str, Any] = dict(model=loaded.name, size=size, scale=size / train_size)
         try:
-            r = evaluate(loaded.model, make_loader(ds, batch_size, workers), device, amp, on_error=on_error)
+            loader = make_loader(ds, batch_size, workers)
+            r = evaluate(loaded.model, loader, device, amp, on_error=on_error, source=data.source)
+        except DataError:  # unreadable data fails at every size alike: stop, naming it
+            raise
         except (RuntimeError, AssertionError, UserError) as e:
             # Models tied to one input size fail here; record why and go on with the other sizes.
             row.update(
