@@ -248,8 +248,13 @@ def guess_variant(sd: Mapping[str, Tensor]) -> str | None:
         sd = authors_to_timm(sd)
     want = {k: tuple(v.shape) for k, v in sd.items() if k not in HEAD_KEYS}
     in_chans = sd["stem.proj.weight"].shape[1] if "stem.proj.weight" in sd else 3
+    blocks = {m.group(1, 2) for k in want if (m := re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.", k))}
+    depths = [sum(1 for s, _ in blocks if int(s) == i) for i in range(1 + max((int(s) for s, _ in blocks), default=-1))]
+    stem = want.get("stem.proj.weight")
     for name, cfg in VARIANTS.items():
-        if name.endswith("_392"):
+        if name.endswith("_392") or list(cfg["layers"]) != depths:
+            continue  # the block count and the stem rule most variants out before one is built
+        if stem is not None and (stem[0], stem[-1]) != (cfg["embed_dims"][0], cfg["patch_sizes"][0]):
             continue
         with torch.device("meta"):
             candidate = Sequencer(**dict(cfg, in_chans=in_chans))

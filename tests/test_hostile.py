@@ -329,6 +329,28 @@ def test_validate_skips_a_bomb_and_evaluates_the_rest(tmp_path, ckpt, bomb, caps
     assert summary["images"] == 6 and summary["skipped"] == 1
 
 
+def test_torchvision_image_sets_read_through_open_image(tmp_path, bomb, monkeypatch):
+    # Flowers102's layout with made-up split files (torchvision checks their md5, which is patched out here).
+    from scipy.io import savemat
+    from torchvision.datasets import Flowers102
+
+    from seqvision.data import build_datasets
+
+    base = tmp_path / "flowers-102"
+    (base / "jpg").mkdir(parents=True)
+    for i in (1, 2, 3):
+        Image.fromarray(_pattern(seed=i)).save(base / "jpg" / f"image_{i:05d}.jpg")
+    (base / "jpg" / "image_00004.jpg").write_bytes(bomb.read_bytes())
+    savemat(base / "setid.mat", {"trnid": [1, 2], "valid": [1, 3], "tstid": [3, 4]})
+    savemat(base / "imagelabels.mat", {"labels": [1, 2, 1, 2]})
+    monkeypatch.setattr(Flowers102, "_check_integrity", lambda self: True)
+    splits = build_datasets("flowers102", tmp_path, lambda im: im, lambda im: im, 16)
+    img, target, problem = splits.val[0]
+    assert img.size == (16, 16) and target == 0 and problem == ""
+    img, _, problem = splits.val[1]  # the bomb, named by path, refused by the pixel limit
+    assert img is None and str(base / "jpg" / "image_00004.jpg") in problem and "over the limit" in problem
+
+
 def _unreadable_folder(data: Path) -> Path:
     for name in CLASSES:
         (data / name).mkdir(parents=True)
@@ -472,6 +494,17 @@ def test_true_metadata_loads_and_predicts(tmp_path, model_and_ckpt, capsys):
     # The same file with its metadata rewritten field by field by _lying: accepted as it is true.
     assert main(["predict", str(_png(tmp_path / "a.png")), "--checkpoint", str(_lying(tmp_path, model))]) == 0
     assert capsys.readouterr().out.split(": ")[1].split(" ")[0] in CLASSES
+
+
+def test_model_kwargs_schema_is_every_sequencer_argument():
+    import inspect
+
+    from seqvision.checkpoint_meta import MODEL_KWARGS
+    from seqvision.models import VARIANTS, Sequencer
+
+    assert set(MODEL_KWARGS) == set(inspect.signature(Sequencer.__init__).parameters) - {"self"}
+    for name, cfg in VARIANTS.items():  # every registered variant's arguments pass the checks
+        assert parse_metadata({"model_name": name, "model_kwargs": dict(cfg)}, name).model_kwargs
 
 
 def test_lying_training_checkpoint_and_convert(tmp_path, model_and_ckpt, capsys):
