@@ -380,9 +380,9 @@ def _shapes(name: str, kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def _variant_that_fits(kwargs: Mapping[str, Any], have: Mapping[str, tuple], exclude: str) -> str | None:
-    from .models import list_models
+    from .models import VARIANTS
 
-    for variant in list_models():
+    for variant in VARIANTS:  # registered order: the base variants first
         if variant == exclude:
             continue
         try:
