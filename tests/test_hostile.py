@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from train_helpers import TINY, subprocess_env, tiny_set_args
 
 import seqvision
+from seqvision import ops
 from seqvision.checkpoint_meta import parse_metadata
 from seqvision.cli import main
 from seqvision.errors import CheckpointError, DataError
@@ -46,6 +47,13 @@ DATA_CONFIG = {
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _reference_engine():
+    """The reference BiLSTM2D engine: these tests are about input, and it needs no compiled extension."""
+    with ops.use_engine("reference"):
+        yield
+
+
 def _tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
     model = seqvision.create_model("sequencer2d_s", num_classes=len(CLASSES), **KWARGS)
@@ -113,7 +121,7 @@ def _one_line_error(err: str, *needles: str) -> str:
 def _run_cli(argv: list[str], timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "seqvision", *argv],
-        env={**subprocess_env(), **env},
+        env={**subprocess_env(), "SEQVISION_ENGINE": "reference", **env},
         capture_output=True,
         timeout=timeout,
     )
