@@ -45,6 +45,9 @@ def _main_help() -> str:
         commands:
         {rows}
 
+        options for every command:
+          --debug        show the Python traceback of an internal error (or set SEQVISION_DEBUG=1)
+
         example:
           seqvision models --flops       # every variant with its cost
         """
@@ -61,6 +64,8 @@ def get_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("SEQVISION_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_main_help())
         return 0
@@ -70,19 +75,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seqvision {__version__}")
         return 0
     _quiet_warnings()
+    _printable_stdout()
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"seqvision: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    parser, run = get_parser(command)
-    args = parser.parse_args(rest)
     try:
+        parser, run = get_parser(command)
+        args = parser.parse_args(rest)
         return int(run(args) or 0)
     except UserError as e:
-        if os.environ.get("SEQVISION_DEBUG"):
+        if debug:
             raise
         print(f"seqvision {command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug, not the user's input: one line, the trace on request
+        if debug:
+            raise
+        text = str(e).strip().splitlines()
+        what = f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+        print(
+            f"seqvision {command}: internal error: {what}; run with --debug (or SEQVISION_DEBUG=1) for the traceback",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _printable_stdout() -> None:
+    # A file name or class name the terminal's encoding cannot show is printed escaped, not a crash.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="backslashreplace")
+        except (ValueError, OSError):
+            pass
 
 
 def _quiet_warnings() -> None:

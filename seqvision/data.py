@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor
@@ -30,11 +30,11 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from .errors import DataError
+from .images import display_path, open_image, to_rgb
 
 DIGITS_SEED = 0  # the train/val split of `digits` never changes (seqvision validate relies on it)
 DIGITS_VAL_FRACTION = 0.2
 SPLITS = ("train", "val")
-MAX_IMG_SIZE = 8192  # the largest input side a command accepts: larger ones exhaust memory before they help
 
 # name -> (torchvision class, what data_dir must contain, number of classes); read with download=False.
 TORCHVISION_SETS = {
@@ -206,9 +206,10 @@ def _torchvision(name: str, split: str, root: Path) -> LabelledImages:
         if name in ("cifar10", "cifar100"):
             base = cls(root, train=split == "train", download=False)
         elif name == "flowers102" and split == "train":  # the paper trains on train + val (2,040 images)
-            base = torch.utils.data.ConcatDataset([cls(root, split=s, download=False) for s in ("train", "val")])
-        else:
-            base = cls(root, split="train" if split == "train" else "test", download=False)
+            parts = [cls(root, split=s, download=False, loader=open_image) for s in ("train", "val")]
+            base = torch.utils.data.ConcatDataset(parts)
+        else:  # image files: read the way every seqvision command reads them
+            base = cls(root, split="train" if split == "train" else "test", download=False, loader=open_image)
     except (RuntimeError, FileNotFoundError, OSError) as e:
         raise DataError(f"{name} not found under {root}: expected {root}/{layout} ({_first_line(e)})") from None
     first = base.datasets[0] if isinstance(base, torch.utils.data.ConcatDataset) else base
@@ -221,16 +222,6 @@ def _first_line(e: BaseException) -> str:
 
 
 # -- from samples to tensors -------------------------------------------------------------------------------
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image; DataError naming the file when it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: cannot read image ({_first_line(e)})") from None
-
-
 class ImageDataset(Dataset):
     """``(transformed image | None, target, problem)`` for each sample of a ``LabelledImages`` split.
 
@@ -258,12 +249,13 @@ class ImageDataset(Dataset):
             src, target = self.samples[i]
             if self.target_map is not None:
                 target = self.target_map[target]
-            img = src.convert("RGB") if isinstance(src, Image.Image) else load_image(src)
+            img = to_rgb(src) if isinstance(src, Image.Image) else open_image(src)
             return (self.transform(img) if self.transform else img), target, ""
         except DataError as e:
             return None, target, str(e)
-        except (OSError, ValueError) as e:  # e.g. a truncated file that opens but fails to decode
-            return None, target, f"{src if src is not None else f'sample {i}'}: cannot read image ({_first_line(e)})"
+        except (OSError, ValueError) as e:  # e.g. the transform fails on this image
+            where = f"sample {i}" if src is None or isinstance(src, Image.Image) else display_path(src)
+            return None, target, f"{where}: cannot read image ({_first_line(e)})"
 
 
 def collate(batch: list[tuple[Tensor | None, int, str]]) -> tuple[Tensor | None, Tensor, list[str]]:

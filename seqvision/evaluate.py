@@ -24,6 +24,7 @@ from torchvision import transforms
 
 from .data import ImageDataset, LabelledImages, collate
 from .errors import DataError, UserError
+from .images import display_path
 from .inference import LoadedModel
 from .runtime import autocast, synchronize
 
@@ -211,12 +212,14 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     allow_empty: bool = False,
+    source: str | None = None,
 ) -> EvalResult:
     """Top-1 / top-k accuracy, loss and confusion matrix of ``model`` over ``loader``.
 
     ``class_index`` keeps only those output columns, in that order (the 200-class ImageNet-A / -R subsets of a
     1000-way model); targets then index into the kept columns. Targets below 0 mark padding (a sharded
-    validation set) and are not counted. With no image at all, DataError unless ``allow_empty``.
+    validation set) and are not counted. With no image at all, DataError (naming ``source``, the data) unless
+    ``allow_empty``.
     """
     device = torch.device(device)
     model.eval()
@@ -255,7 +258,9 @@ def evaluate(
         confusion += torch.bincount((y * n_cls + top[:, 0]).cpu(), minlength=n_cls * n_cls)
         n += len(y)
     if n == 0 and not allow_empty:
-        raise DataError("no image could be evaluated" + (f" ({len(skipped)} unreadable)" if skipped else ""))
+        where = f" in {display_path(source)}" if source else ""
+        why = f" ({len(skipped)} unreadable; the first: {skipped[0]})" if skipped else ""
+        raise DataError(f"no image{where} could be evaluated{why}")
     return EvalResult(
         n=n,
         correct1=correct1,
@@ -282,4 +287,4 @@ def validate(
     """Evaluate ``loaded`` on ``data`` with preprocessing ``cfg``; returns the result and how labels matched."""
     mapping, how = target_mapping(data.class_names, loaded.class_names, num_outputs(loaded.model))
     loader = eval_loader(data, eval_transform(cfg), mapping, batch_size, workers)
-    return evaluate(loaded.model, loader, device, amp, on_error=on_error), how
+    return evaluate(loaded.model, loader, device, amp, on_error=on_error, source=data.source), how

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .commands.common import positive_int
+from .commands.common import image_size, positive_int
 from .errors import ExportError, UserError
 from .files import atomic_write
 from .inference import load_model
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights to export (any format seqvision reads)")
     p.add_argument("--model", help="variant name (needed only when the checkpoint does not say)")
     p.add_argument("--pretrained", action="store_true", help="export the published weights of --model")
-    p.add_argument("--img-size", type=positive_int, help="example / check size (default: the model's input size)")
+    p.add_argument("--img-size", type=image_size, help="example / check size (default: the model's input size)")
     p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default 17)")
     p.add_argument(
         "--quantize", choices=("dynamic",),

@@ -13,8 +13,8 @@ import torch
 from timm.data import create_transform
 
 from .commands.common import positive_int
-from .data import load_image
 from .errors import UserError
+from .images import display_path, open_image
 from .inference import LoadedModel, load_model, quantize_dynamic
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -24,22 +24,27 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
     """Files, directories (searched recursively for images) and glob patterns -> (image paths, problems)."""
     paths, problems = [], []
     for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-            paths += found
-            if not found:
-                problems.append(f"{item}: no images in this directory")
-        elif p.exists():
-            paths.append(p)
-        elif any(ch in item for ch in "*?["):
-            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if os.path.isfile(f))
-            paths += found
-            if not found:
-                problems.append(f"{item}: the pattern matches no file")
-        else:
-            problems.append(f"{item}: no such file")
+        try:
+            found, problem = _expand(item)
+        except OSError as e:  # e.g. a directory that cannot be listed
+            found, problem = [], f"{display_path(item)}: cannot read ({e.strerror or type(e).__name__})"
+        paths += found
+        if problem:
+            problems.append(problem)
     return paths, problems
+
+
+def _expand(item: str) -> tuple[list[Path], str | None]:
+    p = Path(item)
+    if p.is_dir():
+        found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        return found, None if found else f"{display_path(item)}: no images in this directory"
+    if p.exists() or p.is_symlink():  # a dangling link is reported by open_image, by path
+        return [p], None
+    if any(ch in item for ch in "*?["):
+        found = sorted(Path(f) for f in glob.glob(item, recursive=True) if os.path.isfile(f))
+        return found, None if found else f"{display_path(item)}: the pattern matches no file"
+    return [], f"{display_path(item)}: no such file"
 
 
 @torch.no_grad()
@@ -63,12 +68,12 @@ def predict(
             preds = [
                 {"class": loaded.class_names[c], "index": c, "prob": round(p, 6)} for p, c in zip(v, i, strict=True)
             ]
-            results.append({"path": str(path), "predictions": preds})
+            results.append({"path": os.fsdecode(path), "predictions": preds})
         batch.clear()
 
     for path in paths:
         try:
-            batch.append((path, transform(load_image(path))))
+            batch.append((path, transform(open_image(path))))
         except UserError as e:
             problems.append(str(e))
         if len(batch) == batch_size:
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=positive_int, default=5, help="how many classes to show per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps ...")
     p.add_argument("--quantize", choices=("dynamic",), help="int8 dynamic quantisation of LSTM/Linear weights (CPU)")
     return p
 
@@ -109,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         loaded.model = quantize_dynamic(loaded.model)
     results, unreadable = predict(loaded, paths, args.topk, args.batch_size)
     problems += unreadable
+    if not results and len(problems) == 1:  # one input, one reason: the error line says it
+        raise UserError(f"no image could be predicted: {problems[0]}")
     for line in problems:
         print(f"skipped {line}", file=sys.stderr)
     if args.json:
@@ -116,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         for r in results:
             top = ", ".join(f"{p['class']} {p['prob']:.1%}" for p in r["predictions"])
-            print(f"{r['path']}: {top}")
+            print(f"{display_path(r['path'])}: {top}")
     if not results:
-        raise UserError("no image could be predicted" + (f" ({len(problems)} skipped)" if problems else ""))
+        inputs = ", ".join(display_path(i) for i in args.images[:3]) + (", ..." if len(args.images) > 3 else "")
+        skipped = f" ({len(problems)} skipped)" if problems else ""
+        raise UserError(f"no image could be predicted from {inputs}{skipped}")
     return 0

@@ -12,8 +12,9 @@ from torch import nn
 from .errors import UserError
 
 
-def pick_device(name: str | None = "auto", local_rank: int | None = None) -> torch.device:
-    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; UserError when unusable.
+def pick_device(name: str | torch.device | None = "auto", local_rank: int | None = None) -> torch.device:
+    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` (or ``mps``/``xpu``); a one-line
+    UserError for a name torch does not know or a device this machine lacks.
 
     A bare ``cuda`` means this process's GPU under torchrun (``LOCAL_RANK``), so one recipe serves every rank.
     """
@@ -22,17 +23,18 @@ def pick_device(name: str | None = "auto", local_rank: int | None = None) -> tor
         return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {name} was asked for but CUDA is not available here; use --device cpu")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local}")
-        elif dev.index >= torch.cuda.device_count():
-            raise UserError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif dev.type != "cpu":
-        raise UserError(f"device {name} is not supported; use auto, cpu, cuda or cuda:N")
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"unknown device {str(name)!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None) if dev.type in ("cuda", "mps", "xpu") else None
+    if backend is None or not backend.is_available():
+        raise UserError(f"device {dev} was asked for but {dev.type} is not available here; use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise UserError(f"device {dev} was asked for but this machine has {count} {dev.type} device(s)")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local}")
     return dev
 
 

@@ -28,6 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .checkpoint_meta import INFO_KEYS, CheckpointMeta, check_against_tensors, parse_metadata
+from .checkpoint_meta import JSON_KEYS as _JSON_INFO
 from .errors import CheckpointError
 from .files import atomic_write
 
@@ -35,10 +37,9 @@ FORMATS = ("seqvision", "timm", "authors")
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 _PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-# What a checkpoint may record besides the weights, so that it can be used without the training config:
-# the variant name, extra create_model() arguments, the class names and the preprocessing.
-INFO_KEYS = ("model_name", "model_kwargs", "class_names", "data_config", "epoch")
-_JSON_INFO = ("model_kwargs", "class_names", "data_config")
+# What a checkpoint may record besides the weights (INFO_KEYS), so that it can be used without the training
+# config: the variant name, extra create_model() arguments, the class names and the preprocessing; checked by
+# seqvision.checkpoint_meta before use.
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -60,29 +61,34 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
 
     Training checkpoints that wrap the weights under ``model`` / ``state_dict`` are unwrapped, and
     ``module.`` / ``_orig_mod.`` prefixes are removed. Everything is loaded with ``weights_only=True``.
+    The recorded fields are checked (``seqvision.checkpoint_meta.parse_metadata``) before they are returned.
     """
+    sd, meta = read_checkpoint_meta(path)
+    return sd, meta.to_info()
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> tuple[dict[str, Tensor], CheckpointMeta]:
+    """``read_checkpoint`` with the metadata as a typed, checked ``CheckpointMeta``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the file was not written completely")
-    metadata: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
     kind = _file_kind(path)
     if kind is None and path.suffix != ".safetensors":
         raise CheckpointError(
             f"cannot read {path}: not a checkpoint (neither a PyTorch .pth/.pt file nor safetensors); "
             "pass the weights file itself"
         )
-    if path.suffix == ".safetensors" or kind == "safetensors":
+    encoded = path.suffix == ".safetensors" or kind == "safetensors"
+    if encoded:
         try:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
-                metadata = {k: v for k, v in (f.metadata() or {}).items() if k in INFO_KEYS}
+                raw = {k: v for k, v in (f.metadata() or {}).items() if k in INFO_KEYS}
             obj: object = load_file(str(path))
-            for k in _JSON_INFO:
-                if k in metadata:
-                    metadata[k] = json.loads(metadata[k])
         except (SafetensorError, OSError, ValueError) as e:
             reason = _first_line(e)
             raise CheckpointError(f"cannot read {path}: truncated or corrupt safetensors file ({reason})") from None
@@ -94,8 +100,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         except Exception as e:  # pickle.UnpicklingError and friends from weights_only loading
             raise CheckpointError(f"cannot read {path} safely with weights_only=True ({_first_line(e)})") from None
         if isinstance(obj, Mapping):
-            metadata = {k: obj[k] for k in INFO_KEYS if k in obj}
-    return unwrap_state_dict(obj, str(path)), metadata
+            raw = {k: obj[k] for k in INFO_KEYS if k in obj}
+    sd = unwrap_state_dict(obj, str(path))
+    return sd, parse_metadata(raw, str(path), encoded=encoded)
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
@@ -241,8 +248,13 @@ def guess_variant(sd: Mapping[str, Tensor]) -> str | None:
         sd = authors_to_timm(sd)
     want = {k: tuple(v.shape) for k, v in sd.items() if k not in HEAD_KEYS}
     in_chans = sd["stem.proj.weight"].shape[1] if "stem.proj.weight" in sd else 3
+    blocks = {m.group(1, 2) for k in want if (m := re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.", k))}
+    depths = [sum(1 for s, _ in blocks if int(s) == i) for i in range(1 + max((int(s) for s, _ in blocks), default=-1))]
+    stem = want.get("stem.proj.weight")
     for name, cfg in VARIANTS.items():
-        if name.endswith("_392"):
+        if name.endswith("_392") or list(cfg["layers"]) != depths:
+            continue  # the block count and the stem rule most variants out before one is built
+        if stem is not None and (stem[0], stem[-1]) != (cfg["embed_dims"][0], cfg["patch_sizes"][0]):
             continue
         with torch.device("meta"):
             candidate = Sequencer(**dict(cfg, in_chans=in_chans))
@@ -304,8 +316,12 @@ def save_weights(
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = "seqvision") -> dict:
     """Read ``src`` in any supported format and write it to ``dst`` in format ``to``."""
-    sd, info = read_checkpoint(src)
+    sd, meta = read_checkpoint_meta(src)
     source_fmt = detect_format(sd)
+    # Class names, channels and preprocessing that contradict the tensors are not passed on. The variant's
+    # shapes are not compared: save_weights records no model_kwargs for a custom-size model.
+    check_against_tensors(meta, authors_to_timm(sd) if source_fmt == "authors" else sd, str(src), None)
+    info = meta.to_info()
     if "model_name" not in info and (variant := guess_variant(sd)):
         info["model_name"] = variant
     info.pop("epoch", None)

@@ -161,7 +161,7 @@ def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
     save_weights(other, bad, info={"model_kwargs": TINY})
     assert main(["export", "--format", "onnx", "--checkpoint", str(bad), str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "does not fit sequencer2d_s" in err and "\n" not in err
+    assert "checkpoint metadata model_kwargs does not match the tensors" in err and "\n" not in err
 
 
 def test_quantize_dynamic_keeps_predictions_close():

@@ -28,6 +28,7 @@ from ..commands.common import (
 from ..errors import UserError
 from ..evaluate import eval_data_config, eval_loader, eval_transform, iterate_batches, num_outputs, target_mapping
 from ..files import write_csv, write_json
+from ..images import display_path
 from ..inference import load_any_model
 from ..runtime import autocast, pick_device, rnn_grad_mode
 
@@ -104,9 +105,10 @@ def robust_accuracy(
     amp: bool = False,
     on_error: str = "skip",
     seed: int = 0,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Clean and attacked top-1 accuracy (percent) of a model taking [0, 1] images, plus how many
-    predictions each attack changed."""
+    predictions each attack changed. ``source`` names the data when no image could be read."""
     device = torch.device(device)
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -132,7 +134,9 @@ def robust_accuracy(
             flipped[name] += int((pred != clean).sum())
         n += len(y)
     if n == 0:
-        raise UserError("no image could be evaluated" + (f" ({len(skipped)} unreadable)" if skipped else ""))
+        where = f" in {display_path(source)}" if source else ""
+        why = f" ({len(skipped)} unreadable; the first: {skipped[0]})" if skipped else ""
+        raise UserError(f"no image{where} could be evaluated{why}")
     return dict(
         images=n,
         eps=eps,
@@ -189,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         args.amp,
         args.on_error,
         args.seed,
+        source=data.source,
     )
     report_skipped(res["skipped"])
     rows = [

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from ..commands.common import add_model_args, format_table, open_data, output_dir, report_skipped
-from ..errors import UserError
+from ..errors import DataError, UserError
 from ..evaluate import eval_data_config, eval_loader, eval_transform, iterate_batches
 from ..files import atomic_write, write_csv, write_json
+from ..images import display_path
 from ..inference import load_any_model
 from ..plots import new_figure, save_figure
 from ..runtime import autocast, pick_device, rnn_grad_mode
@@ -197,9 +198,16 @@ def run(args: argparse.Namespace) -> int:
     data = open_data(args)
     loader = eval_loader(data, eval_transform(cfg), batch_size=args.batch_size, workers=args.workers)
     skipped: list[str] = []
-    batches = (x for x, _ in iterate_batches(loader, args.on_error, skipped))
+    read: list[int] = []  # batches that reached the model
+    batches = (read.append(1) or x for x, _ in iterate_batches(loader, args.on_error, skipped))
     layers = args.layers or default_layers(loaded.model)
-    raw, info = effective_receptive_field(loaded.model, batches, layers, args.layout, device, args.amp)
+    try:
+        raw, info = effective_receptive_field(loaded.model, batches, layers, args.layout, device, args.amp)
+    except UserError:
+        if read or not skipped:
+            raise
+        why = f"{len(skipped)} unreadable; the first: {skipped[0]}"
+        raise DataError(f"no image in {display_path(data.source)} could be read ({why})") from None
     report_skipped(skipped)
     scaled = shared_minmax(log_maps(raw))
     rows = [dict(layer=n, **info[n], **erf_stats(raw[n], scaled[n])) for n in layers]

@@ -19,16 +19,17 @@ import torch
 from ..commands.common import (
     add_model_args,
     format_table,
+    image_size,
     open_data,
     output_dir,
     positive_float,
-    positive_int,
     report_skipped,
 )
 from ..data import LabelledImages
-from ..errors import UserError
+from ..errors import DataError, UserError
 from ..evaluate import eval_data_config, eval_loader, eval_transform, evaluate, num_outputs, target_mapping
 from ..files import write_csv, write_json
+from ..images import MAX_IMG_SIZE
 from ..inference import LoadedModel, load_any_model
 from ..plots import new_figure, save_figure
 from ..runtime import pick_device
@@ -68,7 +69,9 @@ def resolution_sweep(
         )
         row: dict[str, Any] = dict(model=loaded.name, size=size, scale=size / train_size)
         try:
-            r = evaluate(loaded.model, loader, device, amp, on_error=on_error)
+            r = evaluate(loaded.model, loader, device, amp, on_error=on_error, source=data.source)
+        except DataError:  # unreadable data fails at every size alike: stop, naming it
+            raise
         except (RuntimeError, AssertionError, UserError) as e:
             # Models tied to one input size fail here; record why and go on with the other sizes.
             row.update(
@@ -122,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--sizes", nargs="+", type=positive_int, help="input sizes in pixels")
+    g.add_argument("--sizes", nargs="+", type=image_size, help="input sizes in pixels")
     g.add_argument(
         "--scales",
         nargs="+",
@@ -146,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     # Every model runs at the same absolute sizes (0.5x .. 2x the first model's size), as in the paper's figure.
     own = eval_data_config(models[0], args.img_size)["input_size"][-1]
     all_sizes = sorted(set(args.sizes)) if args.sizes else sweep_sizes(own, args.scales)
+    if all_sizes[-1] > MAX_IMG_SIZE:
+        raise UserError(f"--scales gives {all_sizes[-1]} px, above the largest input size ({MAX_IMG_SIZE} px)")
     for loaded in models:
         train_sizes[loaded.name] = own if loaded is models[0] else eval_data_config(loaded)["input_size"][-1]
         min_size = getattr(loaded.model, "min_input_size", 1)

@@ -156,6 +156,7 @@ class Runner:
             self.amp,
             class_index=class_index,
             on_error=self.on_error,
+            source=data.source,
         )
         self.skipped += result.skipped
         return result

@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data import BUILTIN_SETS, DATASETS, MAX_IMG_SIZE, LabelledImages, open_dataset
+from ..data import BUILTIN_SETS, DATASETS, LabelledImages, open_dataset
 from ..errors import DataError
 from ..evaluate import ON_ERROR
+from ..images import CROP_PCT_RANGE, MAX_IMG_SIZE
 
 
 # argparse turns an ArgumentTypeError into one line ("seqvision bench: error: argument --batch: must be ...")
@@ -39,7 +40,13 @@ def non_negative_int(text: str) -> int:
 
 def image_size(text: str) -> int:
     """argparse type: an input size in pixels, 1 to ``MAX_IMG_SIZE``."""
-    return _number(text, int, lambda v: 1 <= v <= MAX_IMG_SIZE, f"an integer from 1 to {MAX_IMG_SIZE}")
+    return _number(text, int, lambda v: 1 <= v <= MAX_IMG_SIZE, f"a size in pixels from 1 to {MAX_IMG_SIZE}")
+
+
+def crop_fraction(text: str) -> float:
+    """argparse type: a centre-crop fraction in ``CROP_PCT_RANGE``."""
+    lo, hi = CROP_PCT_RANGE
+    return _number(text, float, lambda v: lo <= v <= hi, f"a crop fraction from {lo:g} to {hi:g}")
 
 
 def positive_float(text: str) -> float:
@@ -100,7 +107,7 @@ def add_model_args(
             )
         p.add_argument("--split", help="sub-directory of an ImageFolder tree (e.g. val); train or val otherwise")
     p.add_argument("--img-size", type=image_size, help="input size (default: the model's preprocessing)")
-    p.add_argument("--crop-pct", type=positive_float, help="centre-crop fraction (default: the model's preprocessing)")
+    p.add_argument("--crop-pct", type=crop_fraction, help="centre-crop fraction (default: the model's preprocessing)")
     p.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="resize interpolation")
     if data:
         p.add_argument("--max-images", type=positive_int, help=max_images_help)

@@ -23,8 +23,9 @@ from typing import Any
 
 import yaml
 
-from ..data import DATASETS, MAX_IMG_SIZE
+from ..data import DATASETS
 from ..errors import ConfigError, UnknownModelError
+from ..images import CROP_PCT_RANGE, MAX_IMG_SIZE
 from ..models import Sequencer, resolve_name
 from ..ops import ENGINES
 
@@ -72,7 +73,7 @@ class TrainConfig:
 
     # model
     model: str = setting("sequencer2d_s", "variant name (seqvision models), or a timm model name", flag=True)
-    model_kwargs: dict[str, Any] = setting({}, "other model arguments, e.g. layers, embed_dims")
+    model_kwargs: dict[str, Any] = setting({}, "other arguments of the model, e.g. layers, embed_dims")
     pretrained: bool = setting(False, "start from the published ImageNet-1K weights", flag=True)
     finetune: str | None = setting(
         None, "start from these weights (any format; new head if needed)", flag=True, metavar="CKPT"
@@ -93,7 +94,14 @@ class TrainConfig:
     )
     mean: list[float] = setting([0.485, 0.456, 0.406], "normalisation mean per channel")
     std: list[float] = setting([0.229, 0.224, 0.225], "normalisation standard deviation per channel")
-    crop_pct: float = setting(0.875, "evaluation: resize to img_size / crop_pct, then centre crop", check=POSITIVE)
+    crop_pct: float = setting(
+        0.875,
+        "evaluation: resize to img_size / crop_pct, then centre crop",
+        check=Check(
+            lambda v: CROP_PCT_RANGE[0] <= v <= CROP_PCT_RANGE[1],
+            f"between {CROP_PCT_RANGE[0]:g} and {CROP_PCT_RANGE[1]:g}",
+        ),
+    )
     interpolation: str = setting("bicubic", "evaluation resize", choices=INTERPOLATIONS)
     train_interpolation: str = setting(
         "random", "training resize (random: bilinear or bicubic)", choices=("random", *INTERPOLATIONS)
@@ -295,12 +303,19 @@ def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def resolve_config(recipe: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Defaults <- ``recipe`` <- ``overrides``, checked; an unknown key is named with its layer."""
-    for source, layer in (("recipe", recipe), ("override", overrides or {})):
+    """Defaults <- ``recipe`` <- ``overrides``, checked; an unknown key is named with its layer.
+
+    A recipe's ``model_kwargs`` belong to its ``model``: an override that names another model without giving
+    ``model_kwargs`` starts from that model's own arguments.
+    """
+    overrides = dict(overrides or {})
+    for source, layer in (("recipe", recipe), ("override", overrides)):
         unknown = [k for k in layer if k not in _FIELDS]
         if unknown:
             raise ConfigError(f"unknown {source} key {unknown[0]!r}{_did_you_mean(unknown[0])}")
-    return TrainConfig.from_dict(merge(recipe, overrides or {}))
+    if overrides.get("model", recipe.get("model")) != recipe.get("model") and "model_kwargs" not in overrides:
+        recipe = {k: v for k, v in recipe.items() if k != "model_kwargs"}
+    return TrainConfig.from_dict(merge(recipe, overrides))
 
 
 _NEXT_PAIR = re.compile(r"\s*[A-Za-z_][\w.]*=")
