@@ -17,6 +17,10 @@ from torch import nn
 from seqvision import create_model, ops
 from seqvision import evaluate as ev
 from seqvision.analysis import adversarial, erf, resolution, robustness
+from seqvision.commands import adversarial as adversarial_command
+from seqvision.commands import erf as erf_command
+from seqvision.commands import resolution_sweep as resolution_command
+from seqvision.commands import robustness as robustness_command
 from seqvision.errors import DataError
 from seqvision.inference import load_model
 
@@ -96,7 +100,8 @@ def test_imagenet_c_end_to_end(tmp_path):
         ("contrast", 2, lambda a: 8 + (a - 8) * 0.5),
     ]:
         trees[(c, s)] = digits_tree(root / c / str(s), per_class=6, transform=fn)
-    assert _run(robustness, ["imagenet-c", "--checkpoint", str(ckpt), "--data-dir", str(root), *_common(tmp_path)]) == 0
+    argv = ["imagenet-c", "--checkpoint", str(ckpt), "--data-dir", str(root), *_common(tmp_path)]
+    assert _run(robustness_command, argv) == 0
     res = json.loads((tmp_path / "out" / "imagenet-c.json").read_text())
 
     model = load_model(ckpt).model
@@ -136,7 +141,7 @@ def test_imagenet_a_masks_to_200_logits(tmp_path):
             arr = rng.uniform(0, 16, (8, 8))
             paths.append((save_image(arr, tmp_path / "a" / wnids[k] / f"{j}.png", "RGBA" if j == 0 else "L"), k))
     argv = ["imagenet-a", "--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "a"), *_common(tmp_path)]
-    assert _run(robustness, argv) == 0
+    assert _run(robustness_command, argv) == 0
     res = json.loads((tmp_path / "out" / "imagenet-a.json").read_text())
 
     tf = ev.eval_transform(DATA_CONFIG)
@@ -151,14 +156,14 @@ def test_imagenet_a_masks_to_200_logits(tmp_path):
 
     # ImageNet-Sketch (any 1000-class tree) is scored on all 1000 logits, classes matched by wnid
     argv_sketch = ["imagenet-sketch", *argv[1:]]
-    assert _run(robustness, argv_sketch) == 0
+    assert _run(robustness_command, argv_sketch) == 0
     res = json.loads((tmp_path / "out" / "imagenet-sketch.json").read_text())
     assert res["images"] == 12 and res["top1"] == pytest.approx(unmasked)
 
     (tmp_path / "a" / "n00000000").mkdir()
     save_image(np.zeros((8, 8)), tmp_path / "a" / "n00000000" / "x.png")
     with pytest.raises(DataError, match="not imagenet-a classes"):
-        _run(robustness, argv)
+        _run(robustness_command, argv)
 
 
 # -- resolution sweep ------------------------------------------------------------------------------------
@@ -172,7 +177,7 @@ def test_resolution_sweep_command(tmp_path):
     argv = ["--checkpoint", str(ckpt), "--data-dir", "digits", "--scales", "0.25", "0.5", "1", "2",
             "--max-images", "120", "--batch-size", "120", "--compare", "test_resnet", *_common(tmp_path)]
     with pytest.warns(UserWarning, match="test_resnet has random weights"):
-        assert _run(resolution, argv) == 0
+        assert _run(resolution_command, argv) == 0
     out = tmp_path / "out"
     res = json.loads((out / "resolution.json").read_text())
     ours = {r["size"]: r for r in res["rows"] if r["model"] == "sequencer2d_s"}
@@ -238,7 +243,7 @@ def test_attacks_on_trained_model(tmp_path):
 
     argv = ["--checkpoint", str(trained_digits_checkpoint()), "--data-dir", "digits", "--max-images", "96",
             "--batch-size", "48", *_common(tmp_path)]
-    assert _run(adversarial, argv) == 0
+    assert _run(adversarial_command, argv) == 0
     res = json.loads((tmp_path / "out" / "adversarial.json").read_text())
     assert res["eps"] == pytest.approx(1 / 255) and res["steps"] == 5 and res["step_size"] == pytest.approx(0.5 / 255)
     assert res["images"] == 96
@@ -301,7 +306,7 @@ def test_erf_timm_model_default_layers():
 def test_erf_command(tmp_path):
     argv = ["--checkpoint", str(trained_digits_checkpoint()), "--data-dir", "digits", "--max-images", "16",
             "--batch-size", "8", "--img-size", "56", *_common(tmp_path)]
-    assert _run(erf, argv) == 0
+    assert _run(erf_command, argv) == 0
     out = tmp_path / "out"
     res = json.loads((out / "erf.json").read_text())
     assert [r["layer"] for r in res["layers"]] == ["stages.0", "stages.1", "stages.2", "stages.3"]
