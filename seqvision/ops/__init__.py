@@ -8,8 +8,8 @@
 - ``triton``: the persistent Triton kernel for CUDA (``ops/triton_lstm.py``);
 - ``traceable``: the reference computation as one custom op, for torch.export with symbolic H and W;
 - ``auto`` (default): Triton on CUDA where it covers the layer; on the CPU the fused kernel (faster than
-  oneDNN's nn.LSTM in inference and training, at about 0.57x timm's peak training memory: benchmarks/
-  RESULTS.md); the reference path everywhere else.
+  oneDNN's nn.LSTM in inference and training, and lighter in memory: benchmarks/RESULTS.md); the reference
+  path everywhere else.
 
 ``LayerNorm`` (nn.LayerNorm with one-pass Triton forward and backward on CUDA) follows the same engine choice.
 Any engine returns to the reference path for configurations it does not cover (Triton: GRU and tanh-RNN
@@ -69,7 +69,7 @@ def use_engine(name: str) -> Iterator[None]:
 
 def cpu_has_bf16() -> bool:
     """Whether oneDNN has a bf16 path on this CPU (AVX-512, AVX512-BF16 or AMX). Without one, bf16 matmuls fall
-    back to a reference kernel ~100x slower than fp32 (measured: 0.7 vs 82 GFLOP/s on an AVX2-only EPYC)."""
+    back to a reference kernel far slower than fp32."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -5,15 +5,13 @@ block's output slices [vertical fwd | vertical bwd | horizontal fwd | horizontal
 matrix for all directions, the summed biases, and the recurrent matrices stacked (the GRU's b_hn, which does
 not sum with the others, comes from ``gru_hn_bias``).
 
-Copying the weights into that layout on every call cost 4.2-9.1 ms per Sequencer2D-S forward on 2 CPU cores
-(44 MB through memory, all 18 blocks), 2-5% of a batch-1 inference. So the model lays each block's weight_ih and
-weight_hh back to back in memory when it builds the block (``share_storage``: every parameter becomes a view of
-one tensor, with its own name, shape and value), and where autograd records nothing ``packed_weights`` returns
-views of that memory instead of copies. Wherever the parameters do not lie that way (after ``.to(dtype)`` or a
-deepcopy, on a GPU, in a model built elsewhere) or gradients are recorded, it concatenates as before. A cache
-of packed copies was tried earlier and removed: it can only see weight changes that bump the parameters' version
-counters, and in-place updates through ``.data`` (old-style optimizers, hand-written EMA) do not, so it could
-serve stale weights. Views cannot: they are the parameters' memory.
+Copying every block's weights into that layout on every call is a measurable share of a small-batch
+inference, so the model lays each block's weight_ih and weight_hh back to back in memory when it builds the
+block (``share_storage``: every parameter becomes a view of one tensor, with its own name, shape and value), and
+where autograd records nothing ``packed_weights`` returns views of that memory instead of copies. Wherever the
+parameters do not lie that way (after ``.to(dtype)`` or a deepcopy, on a GPU, in a model built elsewhere) or
+gradients are recorded, it concatenates. Views, unlike a cache of copies, cannot serve stale weights after an
+in-place update through ``.data``: they are the parameters' memory.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """GPU engine for BiLSTM2D: the LSTM recurrences of all directions of a block in one persistent Triton launch.
 
-Split of the work (issue 8):
+Split of the work:
 
 - torch does the large GEMMs: the input projections of every direction as one ``F.linear`` (weights of the
   directions concatenated, ``b_ih + b_hh`` folded into its bias), and later the block's fc. Under AMP these run
@@ -18,10 +18,9 @@ Covered: nn.LSTM, one layer, batch_first, no projection, bidirectional or not, a
 one axis only), bf16 / fp16 (fp32 cell state) and fp32; on a GPU hidden size <= 128 (<= 64 in fp32), which
 includes every Sequencer2D variant but sequencer2d_s_h2x's wider stages. Anything else (GRU, tanh RNN, two axes
 with different hidden sizes ...) returns None so the dispatcher falls back to cuDNN via nn.LSTM. The kernels
-keep W_hh on chip. Held as one piece padded to a power of two, D = 96 (padded to 128) needs 136-148 KiB of
-shared memory per block (ptxas, sm_80 to sm_90): A100/H100-class GPUs have it, RTX 30xx/40xx-class ones
-(99 KiB) do not; there the first use finds out and switches to the hidden state split in two pieces
-(64 + 32: 76-85 KiB), see ``_candidates`` and ``benchmarks/triton_resources.py``.
+keep W_hh on chip. Held as one piece padded to a power of two, D = 96 (padded to 128) needs more shared memory
+per block than some GPUs have; there the first use finds out and switches to the hidden state split in two
+pieces (64 + 32), see ``_candidates`` and ``benchmarks/triton_resources.py``.
 
 Triton is imported lazily: a CPU-only install without triton imports seqvision fine. For CPU testing set
 ``TRITON_INTERPRET=1`` (before triton is imported) and ``SEQVISION_TRITON_INTERPRET=1``; the kernels then run
@@ -102,13 +101,11 @@ def pieces(D: int, split: bool) -> tuple[int, int]:
 def _candidates(D: int, dtype: torch.dtype, device: torch.device) -> list[dict]:
     """Launch settings to try, best first: the first one that compiles and launches on the device is used.
 
-    The GPU defaults are the fastest of ``benchmarks/bench_triton_op.py``'s sweep on an H100 (bf16, batch 256,
-    inference + training time of one mixer; benchmarks/RESULTS.md): the hidden state in one padded piece,
-    16 sequences per program, 8 warps, prefetch on, at both hidden sizes. Prefetching made the recurrence alone
-    1.6x (stage 1 shape) and 1.7x (stages 2-4) faster. At D = 96 the padded W_hh needs 136-148 KiB of shared
-    memory, which GPUs with ~100 KiB per block (RTX 30xx/40xx) lack: there the second candidate, the hidden
-    state in two pieces (64 + 32, W_hh exactly 96 x 96: 72 KiB in bf16), runs instead. ``SEQVISION_TRITON_TUNE``
-    replaces the list with one setting (see ``_tuned``). num_stages=1: the time loop is serial.
+    The GPU defaults are the fastest of ``benchmarks/bench_triton_op.py``'s sweep (benchmarks/RESULTS.md): the
+    hidden state in one padded piece, 16 sequences per program, 8 warps, prefetch on. Where the padded W_hh does
+    not fit a block's shared memory, the second candidate, the hidden state in two unpadded pieces, runs
+    instead. ``SEQVISION_TRITON_TUNE`` replaces the list with one setting (see ``_tuned``). num_stages=1: the
+    time loop is serial.
     """
     block_d = block_size(D)
     if device.type == "cpu":  # the interpreter: smallest legal tiles are the fastest to emulate
@@ -369,7 +366,7 @@ def runs_here(key: tuple, probe: Callable[[], None], what: Callable[[], str]) ->
     """Whether ``probe`` (launching some kernels on a small input) works; tried once per ``key`` and remembered.
 
     Triton compiles for the GPU it finds: on one without bf16 tensor cores (before sm_80), or with less shared
-    memory per block than a kernel needs (consumer GPUs have ~100 KiB, an H100 227), the first launch raises.
+    memory per block than a kernel needs, the first launch raises.
     Then one warning names ``what()`` and the reason, and the caller keeps using the torch path for ``key``.
     While torch.compile traces or a CUDA graph is captured nothing can be launched: it answers True there, and
     an eager call made before (a warm-up) has settled the question.
