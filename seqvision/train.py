@@ -29,7 +29,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ BASE: dict[str, Any] = {
     "drop_path": 0.0,
     "drop": 0.0,
     # data
-    "dataset": "digits",  # digits | folder | cifar10 | cifar100 | flowers102 | stanford_cars
+    "dataset": "digits",  # digits | mnist5k | folder | cifar10 | cifar100 | flowers102 | stanford_cars
     "data_dir": None,
     "img_size": 224,
     "mean": [0.485, 0.456, 0.406],
@@ -447,13 +447,48 @@ def seed_everything(*keys: int) -> None:
     random.seed(s)
 
 
+# -- timm models as peers -----------------------------------------------------------------------------------
+def _timm_only(name: str) -> bool:
+    """True for a timm model name that is not a seqvision variant (trained alike, for comparison)."""
+    from .errors import UnknownModelError
+    from .models import resolve_name
+
+    try:
+        resolve_name(name)
+        return False
+    except UnknownModelError:
+        import timm
+
+        return timm.is_model(name)
+
+
+def _create_timm_model(name: str, img_size: int, **kwargs: Any) -> nn.Module:
+    """``timm.create_model``; ``img_size`` goes only to models that take one (a ViT sizes its position
+    embedding by it, a CNN has no such argument)."""
+    import timm
+
+    try:
+        return timm.create_model(name, img_size=img_size, **kwargs)
+    except TypeError:
+        try:
+            return timm.create_model(name, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{name}: {e}") from None
+
+
 # -- the run -------------------------------------------------------------------------------------------------
 class Trainer:
     """One training run: build everything from a resolved config, then ``fit()``."""
 
     def __init__(
-        self, cfg: dict[str, Any], recipe_name: str = "custom", resume: str | None = None, overwrite: bool = False
+        self,
+        cfg: dict[str, Any],
+        recipe_name: str = "custom",
+        resume: str | None = None,
+        overwrite: bool = False,
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
     ):
+        self.on_epoch = on_epoch  # called with each epoch's metrics on rank 0 (progress displays)
         self.dist = Dist()
         self.device = self._pick_device(cfg["device"])
         self.dist.init(self.device)
@@ -664,7 +699,10 @@ class Trainer:
         kwargs = dict(cfg["model_kwargs"])
         if cfg["fsdp"] and d.enabled and cfg["layer_decay"]:
             raise ConfigError("layer_decay is not supported with fsdp (parameter names change under FSDP)")
-        model = create_model(
+        timm_peer = _timm_only(cfg["model"])
+        if timm_peer and cfg["finetune"]:
+            raise ConfigError(f"finetune loads seqvision variants only; {cfg['model']} is a timm model")
+        model = (_create_timm_model if timm_peer else create_model)(
             cfg["model"],
             pretrained=cfg["pretrained"] and not cfg["finetune"] and self.resume_state is None,
             num_classes=num_classes,
@@ -1114,6 +1152,8 @@ class Trainer:
                 if k != "epoch":
                     self.writer.add_scalar(k, v, m["epoch"])
             self.writer.flush()
+        if self.on_epoch is not None:
+            self.on_epoch(m)
 
     def _finish(self) -> dict[str, Any]:
         d = self.dist
@@ -1234,6 +1274,8 @@ Any recipe key can be set with --set KEY=VALUE (YAML values; repeat it, e.g. --s
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+
     p = argparse.ArgumentParser(
         prog="seqvision train",
         description="Train or fine-tune a Sequencer with the paper's recipes (timm's pipeline); "
@@ -1245,8 +1287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe key (repeatable)")
     g = p.add_argument_group("common keys (shortcuts for --set)")
     g.add_argument("--data-dir", help="ImageFolder root (train/, val/) or a torchvision data set's folder")
-    g.add_argument("--dataset", choices=("digits", "folder", "cifar10", "cifar100", "flowers102", "stanford_cars"))
-    g.add_argument("--model", help="variant name (seqvision models)")
+    g.add_argument("--dataset", choices=DATASETS)
+    g.add_argument("--model", help="variant name (seqvision models), or a timm model name to train as a peer")
     g.add_argument("--img-size", type=int)
     g.add_argument("--epochs", type=int, help="cosine schedule length (cool-down epochs come on top)")
     g.add_argument("--batch-size", type=int, help="per process")
