@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  seqvision study resolution            # the default study, about 15 minutes on 2 CPU cores",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="study", required=True, metavar="STUDY")
+    sub = p.add_subparsers(dest="study", required=True)
     r = sub.add_parser(
         "resolution",
         prog="seqvision study resolution",
