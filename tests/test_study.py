@@ -10,6 +10,7 @@ import gzip
 import importlib.util
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -188,7 +189,7 @@ def test_study_sizes_include_the_training_size():
 
 
 # -- the study end to end ----------------------------------------------------------------------------------
-TINY_ARGS = ["--epochs", "2", "--seeds", "2", "--batch-size", "8", "--scales", "0.5", "1", "2"]
+TINY_ARGS = ["--epochs", "1", "--seeds", "2", "--batch-size", "8", "--scales", "0.5", "1", "2"]
 TINY_ARGS += ["--erf-images", "4", "--threads", "1"]
 
 
@@ -288,17 +289,26 @@ def test_study_numbers_match_independent_evaluations(tiny_study):
 
 def test_study_reuses_its_runs_and_refuses_other_settings(tiny_study, capsys):
     root, out, _ = tiny_study
-    before = (out / "resolution.csv").read_text()
-    checkpoint = out / "runs" / "vit-seed1" / "last.pth"
+    first = _csv(out / "resolution.csv")
+    copy = out.parent / "copy"
+    shutil.copytree(out / "runs", copy / "runs")  # a study interrupted after its training runs
+    checkpoint = copy / "runs" / "vit-seed1" / "last.pth"
     stamp = checkpoint.stat().st_mtime_ns
-    assert main(["study", "resolution", "--data-dir", str(root / "tree"), "-o", str(out), *TINY_ARGS]) == 0
-    assert checkpoint.stat().st_mtime_ns == stamp  # not trained again
-    assert (out / "resolution.csv").read_text() == before
+    args = ["study", "resolution", "--data-dir", str(root / "tree"), "-o", str(copy), *TINY_ARGS]
+    assert main([*args, "--models", "vit", "resnet", "--erf-images", "1"]) == 0
+    assert checkpoint.stat().st_mtime_ns == stamp  # not trained again: the same final weights, the same numbers
+    again = _csv(copy / "resolution.csv")
+    assert len(again) == 2 * 2 * 3
+    for r in again:
+        assert r["top1"] == next(
+            x["top1"]
+            for x in first
+            if [x[k] for k in ("arch", "seed", "size")] == [r[k] for k in ("arch", "seed", "size")]
+        )
     capsys.readouterr()
-    args = ["study", "resolution", "--data-dir", str(root / "tree"), "-o", str(out), *TINY_ARGS, "--epochs", "3"]
-    assert main(args) == 2
+    assert main([*args, "--epochs", "3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "sequencer2d-seed0 holds a run with other settings (epochs 2, not 3)" in err and "\n" not in err
+    assert "sequencer2d-seed0 holds a run with other settings (epochs 1, not 3)" in err and "\n" not in err
 
 
 # -- the command line ------------------------------------------------------------------------------------------

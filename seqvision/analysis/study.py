@@ -386,16 +386,16 @@ def _check_previous(run_dir: Path, cfg: dict[str, Any], overwrite: bool) -> bool
 
 
 def train_run(
-    cfg: dict[str, Any], overwrite: bool, on_epoch: Callable[[dict[str, float]], None]
+    cfg: dict[str, Any], reuse: bool, on_epoch: Callable[[dict[str, float]], None]
 ) -> tuple[nn.Module, dict[str, Any], Any]:
-    """Train (or reuse / resume) one run with ``seqvision train``'s trainer; returns its final model in eval
-    mode, the trainer's summary and the model as a ``LoadedModel`` with the run's preprocessing."""
+    """Train one run with ``seqvision train``'s trainer, or with ``reuse`` continue the one in its output
+    folder (a finished run trains no further); returns its final model in eval mode, the trainer's summary
+    and the model as a ``LoadedModel`` with the run's preprocessing."""
     from ..inference import LoadedModel
     from ..train import Trainer
 
-    run_dir = Path(cfg["output"])
-    reuse = _check_previous(run_dir, cfg, overwrite)
-    trainer = Trainer(cfg, "study", resume=str(run_dir) if reuse else None, overwrite=True, on_epoch=on_epoch)
+    resume = cfg["output"] if reuse else None
+    trainer = Trainer(cfg, "study", resume=resume, overwrite=True, on_epoch=on_epoch)
     try:
         summary = trainer.fit()
         model = trainer.core.eval()
@@ -428,6 +428,7 @@ def one_run(
     bar: Progress,
     log: Any,
     tag: str,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Train one architecture with one seed, sweep its test size and take its ERF: the run's record, with its
     sweep rows (``rows``), ERF statistics (``erf_rows``) and ERF maps scaled for plotting (``erf_maps``)."""
@@ -443,7 +444,7 @@ def one_run(
     cfg = run_config(arch, seed, s, out)
     t0 = time.perf_counter()
     with captured(log):
-        model, summary, loaded = train_run(cfg, s.overwrite, on_epoch)
+        model, summary, loaded = train_run(cfg, reuse, on_epoch)
     bar.step(f"{tag}: trained", s.epochs - len(epochs_seen))  # a reused run trains no epoch (or fewer)
     t_train = time.perf_counter() - t0
     device = torch.device(summary["device"])
@@ -532,11 +533,16 @@ def _run_study(s: StudySettings, progress: bool | None) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     out = Path(s.output)
+    archs = [ARCHITECTURES[k] for k in s.models]
+    runs = [(a, seed) for seed in range(s.seeds) for a in archs]  # seed by seed: every architecture early
+    # Runs already in the output folder are checked before anything is trained: a clash stops the study now.
+    reuse = {
+        (a.key, seed): _check_previous(out / "runs" / f"{a.key}-seed{seed}", run_config(a, seed, s, out), s.overwrite)
+        for a, seed in runs
+    }
     out.mkdir(parents=True, exist_ok=True)
     sizes = study_sizes(s)
     data = sweep_data(s)
-    archs = [ARCHITECTURES[k] for k in s.models]
-    runs = [(a, seed) for seed in range(s.seeds) for a in archs]  # seed by seed: every architecture early
     bar = Progress(len(runs) * (s.epochs + len(sizes) + 1), progress)
     bar.note(
         f"seqvision study resolution: {len(archs)} architectures x {_n(s.seeds, 'seed')}, {_n(s.epochs, 'epoch')} at "
@@ -551,7 +557,7 @@ def _run_study(s: StudySettings, progress: bool | None) -> dict[str, Any]:
         with open(out / "study.log", "a") as log:
             for k, (arch, seed) in enumerate(runs, 1):
                 tag = f"[{k}/{len(runs)}] {arch.key} seed {seed}"
-                done = one_run(arch, seed, s, data, sizes, out, bar, log, tag)
+                done = one_run(arch, seed, s, data, sizes, out, bar, log, tag, reuse[(arch.key, seed)])
                 rows += done.pop("rows")
                 erf_rows += done.pop("erf_rows")
                 if seed == 0:
