@@ -153,6 +153,44 @@ def test_trainer_builds_timm_models_by_name():
         _create_timm_model("resnet18", img_size=32, no_such_argument=1)
 
 
+def test_trainer_reports_each_epoch_to_the_callback(tmp_path):
+    from train_helpers import TINY
+
+    from seqvision.train import Trainer, resolve_config
+
+    make_tree(tmp_path / "data" / "train", {"a": 8, "b": 8}, size=12)
+    make_tree(tmp_path / "data" / "val", {"a": 3, "b": 3}, size=12, seed=1)
+    overrides = {"dataset": "folder", "data_dir": str(tmp_path / "data"), "output": str(tmp_path / "run")}
+    cfg = resolve_config(TINY, {**overrides, "batch_size": 8})
+    seen = []
+    trainer = Trainer(cfg, on_epoch=seen.append)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert [m["epoch"] for m in seen] == [1, 2]
+    assert seen[-1]["top1"] == summary["final_top1"]
+    logged = _csv(tmp_path / "run" / "metrics.csv")
+    assert [float(r["train_loss"]) for r in logged] == pytest.approx([m["train_loss"] for m in seen])
+
+
+def test_timm_models_cannot_be_finetuned_from_seqvision_weights(tmp_path):
+    from train_helpers import TINY
+
+    from seqvision.train import ConfigError, Trainer, resolve_config
+
+    make_tree(tmp_path / "data" / "train", {"a": 4, "b": 4}, size=12)
+    make_tree(tmp_path / "data" / "val", {"a": 2, "b": 2}, size=12, seed=1)
+    overrides = {"dataset": "folder", "data_dir": str(tmp_path / "data"), "output": str(tmp_path / "run")}
+    overrides.update(model="resnet18", model_kwargs={}, finetune=str(tmp_path / "w.pth"))
+    trainer = Trainer(resolve_config(TINY, {**overrides, "batch_size": 4}))
+    try:
+        with pytest.raises(ConfigError, match="resnet18 is a timm model"):
+            trainer.fit()
+    finally:
+        trainer.close()
+
+
 # -- statistics ------------------------------------------------------------------------------------------------
 def test_cross_index_tells_a_cross_from_a_blob_and_an_x():
     r, c = np.indices((31, 31)) - 15
