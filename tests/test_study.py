@@ -161,7 +161,7 @@ def test_trainer_reports_each_epoch_to_the_callback(tmp_path):
     make_tree(tmp_path / "data" / "train", {"a": 8, "b": 8}, size=12)
     make_tree(tmp_path / "data" / "val", {"a": 3, "b": 3}, size=12, seed=1)
     overrides = {"dataset": "folder", "data_dir": str(tmp_path / "data"), "output": str(tmp_path / "run")}
-    cfg = resolve_config(TINY, {**overrides, "batch_size": 8})
+    cfg = resolve_config(TINY, {**overrides, "batch_size": 8, "workers": 0})
     seen = []
     trainer = Trainer(cfg, on_epoch=seen.append)
     try:
@@ -183,7 +183,7 @@ def test_timm_models_cannot_be_finetuned_from_seqvision_weights(tmp_path):
     make_tree(tmp_path / "data" / "val", {"a": 2, "b": 2}, size=12, seed=1)
     overrides = {"dataset": "folder", "data_dir": str(tmp_path / "data"), "output": str(tmp_path / "run")}
     overrides.update(model="resnet18", model_kwargs={}, finetune=str(tmp_path / "w.pth"))
-    trainer = Trainer(resolve_config(TINY, {**overrides, "batch_size": 4}))
+    trainer = Trainer(resolve_config(TINY, {**overrides, "batch_size": 4, "workers": 0}))
     try:
         with pytest.raises(ConfigError, match="resnet18 is a timm model"):
             trainer.fit()
@@ -289,7 +289,7 @@ def test_study_writes_every_artefact_with_values_in_range(tiny_study):
         f"stages.{i}" for i in range(4)
     ]
     t = result["timings"]
-    assert t["wall_seconds"] >= t["train_seconds"] > 0 and t["torch_threads"] == 1
+    assert t["wall_seconds"] >= t["train_seconds"] > 0 and t["process_cpu_seconds"] > 0 and t["torch_threads"] == 1
     assert "Sequencer2D" in results_table(result)
 
 

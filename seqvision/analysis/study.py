@@ -531,7 +531,7 @@ def run_study(s: StudySettings, progress: bool | None = None) -> dict[str, Any]:
 def _run_study(s: StudySettings, progress: bool | None) -> dict[str, Any]:
     from ..evaluate import write_csv, write_json
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(s.output)
     archs = [ARCHITECTURES[k] for k in s.models]
     runs = [(a, seed) for seed in range(s.seeds) for a in archs]  # seed by seed: every architecture early
@@ -593,6 +593,8 @@ def _run_study(s: StudySettings, progress: bool | None) -> dict[str, Any]:
         rows=rows,
         timings=dict(
             wall_seconds=wall,
+            # CPU time of this process (all its threads): on a shared machine, wall time overstates the work
+            process_cpu_seconds=time.process_time() - cpu_start,
             **{f"{k}_seconds": sum(r[f"{k}_seconds"] for r in runs_done) for k in ("train", "sweep", "erf")},
             cpu=cpu_name(),
             torch_threads=torch.get_num_threads(),
@@ -753,7 +755,8 @@ def run(args: argparse.Namespace) -> int:
     t = result["timings"]
     print(
         f"\n{t['wall_seconds']:.0f} s in all ({t['train_seconds']:.0f} s training, {t['sweep_seconds']:.0f} s sweeps, "
-        f"{t['erf_seconds']:.0f} s ERFs) on {t['cpu']}, {t['torch_threads']} threads"
+        f"{t['erf_seconds']:.0f} s ERFs; {t['process_cpu_seconds']:.0f} s of CPU time) on {t['cpu']}, "
+        f"{t['torch_threads']} thread(s)"
     )
     print("wrote " + ", ".join(result["files"]))
     return 0
