@@ -25,8 +25,9 @@ from seqvision.analysis.study import (
     ARCHITECTURES,
     StudyError,
     StudySettings,
+    centre_patch,
     check_settings,
-    cross_index,
+    cross_share,
     results_table,
     study_sizes,
     summarise,
@@ -192,15 +193,26 @@ def test_timm_models_cannot_be_finetuned_from_seqvision_weights(tmp_path):
 
 
 # -- statistics ------------------------------------------------------------------------------------------------
-def test_cross_index_tells_a_cross_from_a_blob_and_an_x():
-    r, c = np.indices((31, 31)) - 15
-    blob = np.exp(-(r**2 + c**2) / 40.0)
-    cross = ((np.abs(r) <= 0) | (np.abs(c) <= 0)).astype(float) + 0.01 * blob
-    x_shape = (np.abs(r) == np.abs(c)).astype(float) + 0.01 * blob
-    assert abs(cross_index(blob) - 1.0) < 0.1
-    assert cross_index(cross) > 10
-    assert cross_index(x_shape) < 0.5
-    assert math.isnan(cross_index(np.zeros((8, 8))))
+def test_cross_share_tells_a_cross_from_a_blob_and_an_x():
+    r, c = np.indices((32, 32))
+    blob = np.exp(-((r - 13.5) ** 2 + (c - 13.5) ** 2) / 40.0)
+    band_r, band_c = (12, 16), (12, 16)  # a 4 px patch, as under a stride-4 stem
+    cross = (((r >= 12) & (r < 16)) | ((c >= 12) & (c < 16))).astype(float)
+    x_shape = (np.abs(np.abs(r - 13.5) - np.abs(c - 13.5)) < 1.5).astype(float)
+    assert cross_share(blob, band_r, band_c) == pytest.approx(0.5, abs=0.05)
+    assert cross_share(cross, band_r, band_c) == 1.0
+    assert cross_share(cross + 0.1 * blob, band_r, band_c) > 0.9
+    assert cross_share(x_shape, band_r, band_c) < 0.2
+    assert math.isnan(cross_share(np.zeros((8, 8)), (3, 4), (3, 4)))
+
+
+def test_centre_patch_for_each_layout():
+    nhwc = dict(feature_shape=[8, 8, 48], layout="NHWC", centre=[3, 3])
+    nchw = dict(feature_shape=[96, 4, 4], layout="NCHW", centre=[1, 1])
+    tokens = dict(feature_shape=[17, 100], layout="tokens", centre=[1, 1])
+    assert centre_patch(nhwc, 32) == ((12, 16), (12, 16))
+    assert centre_patch(nchw, 32) == ((8, 16), (8, 16))
+    assert centre_patch(tokens, 32, prefix_tokens=1) == ((8, 16), (8, 16))
 
 
 def test_summarise_means_spread_and_drop():
@@ -284,7 +296,7 @@ def test_study_writes_every_artefact_with_values_in_range(tiny_study):
             assert float(s["drop_mean"]) == 0.0
     erf = _csv(out / "erf.csv")
     assert {r["arch"] for r in erf} == set(archs) and {r["seed"] for r in erf} == {"0", "1"}
-    assert all(0 < float(r["area_1pct"]) <= 1 and float(r["cross_index"]) > 0 for r in erf)
+    assert all(0 < float(r["area_1pct"]) <= 1 and 0 <= float(r["cross_share"]) <= 1 for r in erf)
     assert [r["layer"] for r in erf if r["arch"] == "sequencer2d" and r["seed"] == "0"] == [
         f"stages.{i}" for i in range(4)
     ]

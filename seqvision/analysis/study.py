@@ -10,7 +10,7 @@ and each architecture's effective receptive field is taken (``seqvision.analysis
 
 Output (``--output``): ``resolution.csv`` (one row per architecture, seed and test size),
 ``summary.csv`` (per architecture and size: mean, spread and the drop from the training size),
-``erf.csv`` (per architecture, seed and layer: ERF area and cross index), ``study.json`` (settings,
+``erf.csv`` (per architecture, seed and layer: ERF area and cross share), ``study.json`` (settings,
 parameter counts, training summaries, all rows, timings), ``resolution.png`` (top-1 against test size,
 mean and spread over seeds), ``erf_<architecture>.png`` (one ERF panel per architecture) and, under
 ``runs/``, every training run; a run that is already there (finished or interrupted) is reused or resumed.
@@ -219,31 +219,45 @@ def sweep_data(s: StudySettings) -> Any:
 
 
 # -- statistics -----------------------------------------------------------------------------------------
-def cross_index(erf: np.ndarray) -> float:
-    """How cross-shaped an ERF map is: its mean on the row and column through its peak, divided by its mean
-    off those lines at the same distances from the peak (summed over whole-pixel distances).
+def cross_share(erf: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]) -> float:
+    """How cross-shaped an ERF map is around the input square ``rows`` x ``cols`` (half-open pixel ranges: the
+    patch of the probed centre position). Ring by ring around that square, the mean ERF in the row and column
+    bands through it (the square itself left out) is compared with the mean outside both bands; the share is
+    sum(band means) / sum(band means + outside means), over the rings that hold both.
 
-    About 1 for a round ERF, above 1 for a cross, below 1 for an X; NaN for an empty map. It puts a number on
-    the paper's "cross-shaped ERF" so that architectures can be compared without reading heat maps.
+    0.5 for a round ERF, 1 for a pure cross, below 0.5 for an X; NaN for an empty map. It puts a number on the
+    paper's "cross-shaped ERF" so that architectures can be compared without reading heat maps.
     """
     m = np.asarray(erf, dtype=np.float64)
     if m.ndim != 2 or not np.isfinite(m).all() or m.max() <= 0:
         return float("nan")
-    r0, c0 = np.unravel_index(int(np.argmax(m)), m.shape)
-    rows, cols = np.indices(m.shape)
-    dr, dc = rows - r0, cols - c0
-    dist = np.rint(np.hypot(dr, dc)).astype(int)
-    axis = (dr == 0) | (dc == 0)
+    r, c = np.indices(m.shape)
+    in_rows = (r >= rows[0]) & (r < rows[1])
+    in_cols = (c >= cols[0]) & (c < cols[1])
+    band = (in_rows | in_cols) & ~(in_rows & in_cols)
+    outside = ~(in_rows | in_cols)
+    ring = np.rint(np.hypot(r - (rows[0] + rows[1] - 1) / 2, c - (cols[0] + cols[1] - 1) / 2)).astype(int)
     on_sum = off_sum = 0.0
-    for d in range(1, int(dist.max()) + 1):
-        ring = dist == d
-        on, off = m[ring & axis], m[ring & ~axis]
+    for d in np.unique(ring):
+        on, off = m[(ring == d) & band], m[(ring == d) & outside]
         if on.size and off.size:
             on_sum += float(on.mean())
             off_sum += float(off.mean())
-    if off_sum == 0.0:
-        return float("inf") if on_sum > 0 else float("nan")
-    return on_sum / off_sum
+    return on_sum / (on_sum + off_sum) if on_sum + off_sum > 0 else float("nan")
+
+
+def centre_patch(info: dict[str, Any], input_size: int, prefix_tokens: int = 0) -> tuple[tuple[int, int], ...]:
+    """The input pixels (row range, column range) under the feature position an ERF was taken at, from
+    ``effective_receptive_field``'s per-layer record (feature shape, layout, centre)."""
+    shape, layout = info["feature_shape"], info["layout"]
+    if layout == "tokens":
+        h = w = math.isqrt(shape[0] - prefix_tokens)
+    elif layout == "NHWC":
+        h, w = shape[0], shape[1]
+    else:
+        h, w = shape[1], shape[2]
+    (r, c), sy, sx = info["centre"], input_size / h, input_size / w
+    return (round(r * sy), round((r + 1) * sy)), (round(c * sx), round((c + 1) * sx))
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
@@ -442,11 +456,9 @@ def one_run(
         bar.step(f"{tag}: epoch {int(m['epoch'])} top-1 {m['top1']:.1f}")
 
     cfg = run_config(arch, seed, s, out)
-    t0 = time.perf_counter()
     with captured(log):
         model, summary, loaded = train_run(cfg, reuse, on_epoch)
     bar.step(f"{tag}: trained", s.epochs - len(epochs_seen))  # a reused run trains no epoch (or fewer)
-    t_train = time.perf_counter() - t0
     device = torch.device(summary["device"])
 
     t0 = time.perf_counter()
@@ -463,6 +475,7 @@ def one_run(
     with captured(log):
         raw, info = erf_of(loaded, data, s.erf_images, device)
     scaled = shared_minmax(log_maps(raw))
+    prefix = int(getattr(loaded.model, "num_prefix_tokens", 0) or 0)
     erf_rows = [
         dict(
             arch=arch.key,
@@ -470,7 +483,7 @@ def one_run(
             layer=layer,
             feature_shape="x".join(map(str, info[layer]["feature_shape"])),
             area_1pct=erf_stats(raw[layer], scaled[layer])["area_1pct"],
-            cross_index=cross_index(raw[layer]),
+            cross_share=cross_share(raw[layer], *centre_patch(info[layer], s.img_size, prefix)),
         )
         for layer in raw
     ]
@@ -481,7 +494,8 @@ def one_run(
     at_train = next(r["top1"] for r in rows if r["size"] == s.img_size)
     bar.note(
         f"{tag}: {summary['parameters']:,} parameters, top-1 {at_train:.2f}% at {s.img_size} px "
-        f"({t_train:.0f} s training, {t_sweep:.0f} s sweep, {t_erf:.0f} s ERF)"
+        f"({'reused, ' if reuse else ''}{summary['train_seconds']:.0f} s training, {t_sweep:.0f} s sweep, "
+        f"{t_erf:.0f} s ERF)"
     )
     return dict(
         arch=arch.key,
@@ -489,7 +503,8 @@ def one_run(
         params=summary["parameters"],
         final_top1=summary["final_top1"],
         top1_at_train_size=at_train,
-        train_seconds=t_train,
+        train_seconds=summary["train_seconds"],
+        reused=reuse,
         sweep_seconds=t_sweep,
         erf_seconds=t_erf,
         run=cfg["output"],
@@ -595,6 +610,7 @@ def _run_study(s: StudySettings, progress: bool | None) -> dict[str, Any]:
             wall_seconds=wall,
             # CPU time of this process (all its threads): on a shared machine, wall time overstates the work
             process_cpu_seconds=time.process_time() - cpu_start,
+            reused_runs=sum(r["reused"] for r in runs_done),  # their train_seconds are from when they ran
             **{f"{k}_seconds": sum(r[f"{k}_seconds"] for r in runs_done) for k in ("train", "sweep", "erf")},
             cpu=cpu_name(),
             torch_threads=torch.get_num_threads(),
