@@ -144,7 +144,7 @@ def test_trainer_builds_timm_models_by_name():
     from seqvision.train import ConfigError, _create_timm_model
 
     vit = _create_timm_model("vit_tiny_patch16_224", img_size=32, num_classes=3, **ARCHITECTURES["vit"].kwargs)
-    assert vit.pos_embed.shape[1] == 1 + 8 * 8  # sized for 32 px with 4 px patches
+    assert vit.pos_embed.shape[1] == 1 + 4 * 4  # sized for 32 px with 8 px patches
     assert vit(torch.zeros(1, 3, 48, 48)).shape == (1, 3)  # dynamic_img_size: other sizes interpolate
     res = _create_timm_model("resnet18", img_size=32, num_classes=3)  # ResNet takes no img_size
     assert sum(p.numel() for p in res.parameters()) == sum(
