@@ -664,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="seqvision study",
         description="Experiments that check the paper's claims end to end (train, evaluate, plot).",
-        epilog="example:\n  seqvision study resolution            # the default study, about 15 minutes on 2 CPU cores",
+        epilog="example:\n  seqvision study resolution   # the default study (mnist5k, 4 architectures x 3 seeds)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="study", required=True)
@@ -681,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "examples:\n"
-            "  seqvision study resolution                                   # mnist5k, 4 x 3 runs, ~15 min on 2 cores\n"
+            "  seqvision study resolution                        # mnist5k, 4 architectures x 3 seeds, 8 epochs\n"
             "  seqvision study resolution --seeds 5 --epochs 20 --output results/study-long\n"
             "  seqvision study resolution --models sequencer2d vit --seeds 1 --epochs 2   # a quick look\n"
             "  seqvision study resolution --data-dir /data/tree --img-size 64   # <dir>/train, <dir>/val\n"
