@@ -287,8 +287,10 @@ def _model_name(v: Any) -> str:
     if not isinstance(v, str) or not v or len(v) > _MAX_CHARS["model_name"]:
         raise _Bad("model_name", f"must be a variant name, got {_short(v)}")
     if not _is_variant(v) and not timm.is_model(v):
-        raise _Bad("model_name", f"{_short(v)} is neither a registered variant (`seqvision models` lists them) "
-                   "nor a timm model")
+        raise _Bad(
+            "model_name",
+            f"{_short(v)} is neither a registered variant (`seqvision models` lists them) nor a timm model",
+        )
     return v
 
 

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "robustness": ("seqvision.commands.robustness", "ImageNet-C mCE, ImageNet-A/-R/-Sketch style evaluations"),
     "adversarial": ("seqvision.commands.adversarial", "robust accuracy under FGSM and L-inf PGD attacks"),
     "erf": ("seqvision.commands.erf", "effective receptive field heat-maps per layer, seqvision or timm models"),
+    "study": ("seqvision.commands.study", "Sequencer2D vs same-size timm peers trained alike: resolution, ERFs"),
     "bench": ("seqvision.benchmark", "CPU/GPU speed and memory: seqvision engines vs timm and convnext_tiny"),
 }
 

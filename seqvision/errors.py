@@ -42,3 +42,7 @@ class ExportError(UserError):
 
 class OutputError(UserError, OSError):
     """A result that cannot be written (read-only place, full disk, a file where a folder should be)."""
+
+
+class StudyError(UserError, ValueError):
+    """Study settings that cannot be used together, or an output folder that holds another study."""

@@ -197,7 +197,7 @@ def test_command_line_overrides_apply():
         ("img_size=100000", "img_size must be between 1 and 4096"),
         ("crop_pct=5", "crop_pct must be between 0.25 and 2"),
         ("mean=[0.5,0.5]", "mean must be three numbers"),
-        ("dataset=imagenet", "dataset must be one of digits, folder"),
+        ("dataset=imagenet", "dataset must be one of digits, mnist5k, folder"),
         ("progress=maybe", "progress must be one of auto, true, false"),
     ],
 )

@@ -53,15 +53,26 @@ def train_transform(cfg: TrainConfig) -> Any:
     )
 
 
+def is_timm_peer(name: str) -> bool:
+    """A timm model name that is not a seqvision variant (trained with the same recipe, for comparison)."""
+    try:
+        resolve_name(name)
+    except UnknownModelError:
+        return timm.is_model(name)
+    return False
+
+
 def build_model(cfg: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module:
     """A seqvision variant, or a timm model of that name (a peer trained with the same recipe)."""
     common = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path, drop_rate=cfg.drop, **cfg.model_kwargs)
-    try:
-        resolve_name(cfg.model)
-    except UnknownModelError:
-        if not timm.is_model(cfg.model):
-            raise
-        return timm.create_model(cfg.model, pretrained=pretrained, **common)
+    if is_timm_peer(cfg.model):
+        # img_size sizes a ViT's position embedding; models without one take no such argument
+        for extra in ({"img_size": cfg.img_size} if "img_size" not in common else {}, {}):
+            try:
+                return timm.create_model(cfg.model, pretrained=pretrained, **extra, **common)
+            except TypeError as e:
+                error = e
+        raise ConfigError(f"model_kwargs do not build a {cfg.model}: {str(error).splitlines()[0]}")
     try:
         return create_model(cfg.model, pretrained=pretrained, img_size=cfg.img_size, **common)
     except (TypeError, ValueError) as e:

@@ -17,7 +17,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,8 @@ class Trainer:
     """One training run: ``build()`` everything from the config, then ``fit()``; ``close()`` afterwards.
 
     ``resume`` continues a run (its folder or a checkpoint); its saved config is used, with ``overrides`` (the
-    keys given on the command line) applied on top.
+    keys given on the command line) applied on top. ``on_epoch`` is called with each epoch's metrics on rank 0
+    (a progress display of a caller that runs many trainings).
     """
 
     def __init__(
@@ -73,7 +74,9 @@ class Trainer:
         resume: str | Path | None = None,
         overwrite: bool = False,
         overrides: Mapping[str, Any] | None = None,
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
     ):
+        self.on_epoch = on_epoch
         self.dist = Dist()
         self.device = pick_device(cfg.device, self.dist.local_rank)
         self.dist.init(self.device)
@@ -153,6 +156,8 @@ class Trainer:
         cfg, fresh = self.cfg, self.resume_state is None
         if self.sharded and cfg.layer_decay:
             raise ConfigError("layer_decay is not supported with fsdp (parameter names change under FSDP)")
+        if cfg.finetune and parts.is_timm_peer(cfg.model):
+            raise ConfigError(f"finetune loads seqvision variants only; {cfg.model} is a timm model")
         model = parts.build_model(cfg, self.num_classes, pretrained=cfg.pretrained and not cfg.finetune and fresh)
         if cfg.finetune and fresh:
             info = load_weights(model, cfg.finetune)
@@ -424,6 +429,8 @@ class Trainer:
             p.running = fresh_running()
             self.save(epoch + 1, 0, best=is_best)
             self.records.epoch(metrics, p.history, self.total_epochs, is_best)
+            if self.on_epoch is not None and d.is_main:
+                self.on_epoch(metrics)
         self.progress.train_seconds += time.time() - self.t_segment
         return self._finish()
 
