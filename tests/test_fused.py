@@ -153,7 +153,12 @@ def test_bf16_error_no_worse_than_reference(cell):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             auto_ref = rnn2d_reference(x, rv, rh, "cat")
             auto = fused.rnn2d_fused(x, rv, rh, "cat")
-        assert auto.dtype == auto_ref.dtype == torch.bfloat16
+        # Pinned for our engine: bf16 under bf16 autocast, for every cell. The reference's dtype is what torch
+        # gives on this CPU: nn.GRU under autocast returns fp32 (bf16 products, fp32 state), but bf16 once the
+        # reference has switched to its cast-to-bf16 fallback (after oneDNN refused a bf16 RNN in this process),
+        # so it is not asserted. Errors are compared in fp32.
+        assert auto.dtype == torch.bfloat16
+        assert auto_ref.dtype in (torch.bfloat16, torch.float32)
         auto_err = (auto.float() - exact).abs().max()
         auto_ref_err = (auto_ref.float() - exact).abs().max()
     assert fused_err <= ref_err * 1.05 + 1e-6, (fused_err, ref_err)
