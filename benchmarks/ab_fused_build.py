@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     assert fused.available(), fused.load_error()
     new = fused._ext
     sha, old = build_revision(args.ref)
-    builds = {"this checkout": new, f"{args.ref} ({sha})": old}
+    builds = {"this checkout": new, args.ref if sha.startswith(args.ref) else f"{args.ref} ({sha})": old}
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     mode = "bf16 autocast" if args.amp else "fp32"
     extra = f", bf16 recurrence {fused.bf16_recurrence()}" if args.amp else ""
