@@ -77,13 +77,17 @@ def bf16_logit_errors(name: str, img_size: int, batch: int, seed: int = 0) -> di
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sequencer2d_s")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")

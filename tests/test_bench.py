@@ -444,15 +444,27 @@ def test_cpu_check_script_command_lines_parse():
 
     script = (BENCHMARKS / "cpu_check.sh").read_text()
     bench_calls = [args[2:] for args in _script_calls(script, "\nbench ") + _script_calls(script, "    bench ")]
-    assert len(bench_calls) == 4, bench_calls  # inference at batch 1 and 8, at 32, training, compiled
-    for args in bench_calls:
-        parsed = seqvision.benchmark.build_parser().parse_args(args)
-        assert "bf16" in parsed.dtype and parsed.model == "sequencer2d_s"
+    # inference at batch 8, 32, training, inference at batch 1, compiled rows
+    assert len(bench_calls) == 5, bench_calls
+    parsed = [seqvision.benchmark.build_parser().parse_args(args) for args in bench_calls]
+    for p in parsed:
+        assert p.dtype.split(",")[0] == "bf16" and "fp32" in p.dtype and p.model == "sequencer2d_s"
+    # The targets' figures: bf16 inference at batch 8 and 32 against timm, convnext_tiny and the peers (the
+    # fused engine's bf16-recurrence row is in every bf16 table), training at batch 8, inference at batch 1.
+    inference = {p.batch[0]: p for p in parsed[:4] if not p.train}
+    assert sorted(inference) == [1, 8, 32] and not inference[8].no_convnext
+    assert not any(p.no_peers for p in inference.values())
+    assert [p.batch for p in parsed if p.train] == [[8]]
     assert '$PY -m seqvision bench --threads 2 "$@"' in script
+    logits = _script_calls(script, "benchmarks/bf16_logits.py")
+    assert len(logits) == 1
+    parsed_logits = _script_module("bf16_logits").build_parser().parse_args(logits[0])
+    assert parsed_logits.batch == 8 and parsed_logits.img_size == 224 and parsed_logits.threads == 2
     memory_calls = _script_calls(script, "benchmarks/bench_memory.py")
     assert len(memory_calls) == 1
     parsed = _script_module("bench_memory").build_parser().parse_args(memory_calls[0])
     assert parsed.batch == 8 and not parsed.inference
+    assert subprocess.run(["bash", "-n", str(BENCHMARKS / "cpu_check.sh")]).returncode == 0  # the shell parses it
 
 
 def test_gpu_check_script_command_lines_parse():
