@@ -511,8 +511,8 @@ def _run_cpu(args: argparse.Namespace, batches: list[int], dtypes: list[str], wo
     return 124 if stopped else 0
 
 
-class _Stopped(Exception):
-    pass
+class _Stopped(BaseException):
+    """Raised by the SIGTERM handler; a BaseException, so a row's `except Exception` does not swallow it."""
 
 
 @contextlib.contextmanager
