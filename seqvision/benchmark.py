@@ -475,19 +475,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_cpu(args: argparse.Namespace, batches: list[int], dtypes: list[str], workdir: Path) -> int:
-    peaks = {"fp32": gemm_peak(torch.float32)}
-    if "bf16" in dtypes:
-        peaks["bf16"] = gemm_peak(torch.bfloat16, 3072)
-    specs = _row_specs(args)
-    flops = {name: _flops_per_image(factory, args.img_size) for name, factory, _, _ in specs}
-    peer_specs, notes = prepare_peers(args, dtypes, workdir)
-    for note in notes:
-        print(f"note: {note}")
-
+    peaks: dict[str, float] = {}
     all_rows: list[Row] = []
     groups = [(dtype, batch) for dtype in dtypes for batch in batches]
     done = 0
     with _stop_on_sigterm() as stopped:
+        peaks["fp32"] = gemm_peak(torch.float32)
+        if "bf16" in dtypes:
+            peaks["bf16"] = gemm_peak(torch.bfloat16, 3072)
+        specs = _row_specs(args)
+        flops = {name: _flops_per_image(factory, args.img_size) for name, factory, _, _ in specs}
+        peer_specs, notes = prepare_peers(args, dtypes, workdir)
+        for note in notes:
+            print(f"note: {note}")
         for dtype, batch in groups:
             all_rows += _measure_group(args, dtype, batch, specs, flops, peer_specs)
             done += 1
