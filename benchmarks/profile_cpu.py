@@ -3,7 +3,8 @@
 torch.profiler over ``--steps`` inference forwards per mode (after one warm-up), the fused engine, CPU self time
 summed into classes: the fused RNN op, Linear GEMMs, LayerNorm, GELU, residual adds, convs, dtype casts,
 layout copies (permute/contiguous), and the rest. Under bf16 autocast the cast rows show the dtype round trips
-(calls and MB converted per forward). A class's share is of the profiled self time, not of wall time.
+(calls and MB per forward; copy_ also carries each Linear's bias copy into its output). A class's share is of the
+profiled self time, not of wall time.
 
     python benchmarks/profile_cpu.py --batch 8 --threads 2
     python benchmarks/profile_cpu.py --batch 8 --modes autocast --bf16-recurrence
@@ -25,15 +26,17 @@ from seqvision import ops  # noqa: E402
 from seqvision.benchmark import seeded_model  # noqa: E402
 from seqvision.ops import fused  # noqa: E402
 
-# Op-name fragments -> class, first match wins (aten::linear's own time is small: its addmm / mm carry the GEMM).
+# Op-name fragments -> class, first match wins. In inference the Linears run addmm; aten::mm is the fused op's
+# one input-projection GEMM per block (its own self time is the recurrences).
 CLASSES = [
-    ("fused RNN op", ("seqvision::rnn2d", "rnn2d_forward", "mkldnn_rnn", "lstm")),
-    ("Linear GEMMs", ("addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("fused RNN op: recurrences", ("seqvision::rnn2d", "rnn2d_forward", "mkldnn_rnn", "lstm")),
+    ("fused RNN op: input projections (aten::mm)", ("aten::mm",)),
+    ("Linear GEMMs (addmm)", ("addmm", "aten::bmm", "aten::matmul", "aten::linear")),
     ("LayerNorm", ("layer_norm",)),
     ("GELU", ("gelu",)),
     ("convs", ("conv", "mkldnn_convolution")),
-    ("dtype casts", ("aten::to", "_to_copy", "aten::copy_")),
-    ("layout copies", ("contiguous", "clone", "permute", "transpose", "aten::cat")),
+    ("casts and copies", ("aten::to", "_to_copy", "aten::copy_")),
+    ("layout copies, cat / stack", ("contiguous", "clone", "permute", "transpose", "aten::cat", "aten::stack")),
     ("residual adds", ("aten::add",)),
     ("mean / head", ("aten::mean",)),
 ]
@@ -52,11 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--modes", default="fp32,autocast,bf16 weights", help="comma-separated (default: all three)")
     p.add_argument("--bf16-recurrence", action="store_true", help="bf16 recurrent products in the fused op")
+    p.add_argument("--top", type=int, default=0, help="also list each mode's N ops with the most self time")
     return p
 
 
-def profile_mode(model, x, mode: str, steps: int) -> tuple[dict[str, float], dict[str, tuple[int, float]]]:
-    """ms per forward by class, and per cast op name (calls per forward, MB of input converted per forward)."""
+def profile_mode(
+    model, x, mode: str, steps: int, top: int = 0
+) -> tuple[dict[str, float], dict[str, tuple[int, float]]]:
+    """ms per forward by class, and per cast op name (calls per forward, MB of input converted per forward); prints
+    the ``top`` ops by self time."""
     from torch.profiler import ProfilerActivity, profile
 
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else contextlib.nullcontext()
@@ -65,11 +72,14 @@ def profile_mode(model, x, mode: str, steps: int) -> tuple[dict[str, float], dic
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(steps):
                 model(x)
+    if top:
+        print(f"\n{mode}: top {top} ops by self CPU time ({steps} forwards)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40))
     by_class: dict[str, float] = defaultdict(float)
     casts: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for e in prof.key_averages(group_by_input_shape=True):
         by_class[classify(e.key)] += e.self_cpu_time_total / 1e3 / steps
-        if classify(e.key) == "dtype casts" and e.input_shapes and e.input_shapes[0]:
+        if classify(e.key) == "casts and copies" and e.input_shapes and e.input_shapes[0]:
             numel = 1
             for d in e.input_shapes[0]:
                 numel *= d
@@ -92,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(args.batch, 3, args.img_size, args.img_size)
         if mode == "bf16 weights":
             model, x = model.bfloat16(), x.bfloat16()
-        results[mode] = profile_mode(model, x, mode, args.steps)
+        results[mode] = profile_mode(model, x, mode, args.steps, args.top)
     modes = list(results)
     print("\n| op class | " + " | ".join(f"{m}: ms / forward (share)" for m in modes) + " |")
     print("|---|" + "---|" * len(modes))
