@@ -16,6 +16,13 @@ rounds, and the median, over rounds, of the ratio within each round with its qua
 compares steps run seconds apart, so a change of the host's load between rounds cancels out of it.
 The rows share one process and its allocator's free memory, which a run of its own does not have:
 benchmarks/bench_memory.py times a training step with each implementation in a fresh process.
+
+bf16 tables also have a "seqvision fused, bf16 recurrence" row (the recurrent products in bf16, see
+``seqvision.ops.fused.bf16_recurrence``), and inference tables rows for the deployment runtimes a user would
+pick instead, where installed (``pip install 'seqvision[deploy]'``): OpenVINO (latency and throughput hints;
+bf16 where the CPU has bf16 hardware) and ONNX Runtime (fp32), both running seqvision's own ONNX export of the
+same weights as the seqvision rows. Lines under the table pair the bf16 recurrence with the fp32 one and
+seqvision's fastest row with OpenVINO's, round by round.
 """
 
 from __future__ import annotations
@@ -24,12 +31,16 @@ import argparse
 import contextlib
 import gc
 import os
+import signal
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +50,8 @@ from .inference import quantize_dynamic
 
 DTYPES = ("fp32", "bf16", "int8")
 MODES = {"fp32": ["fp32"], "bf16": ["autocast", "bf16 weights"], "int8": ["int8 dynamic"]}
+PEER_BF16 = "bf16 inference precision"  # the peers' bf16 mode: the runtime runs its own bf16 kernels
+BF16_RECURRENCE_ROW = "seqvision fused, bf16 recurrence"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
             "relative to timm's eager row (same dtype and batch): from the fastest rounds, and as the median (with\n"
             "quartiles) of the ratio within each interleaved round, which load changes between rounds do not move.\n\n"
             "int8 rows: torch's dynamic quantisation (LSTM and Linear weights int8, inference only).\n"
+            "bf16 tables add the fused engine with its recurrent products in bf16 (\"bf16 recurrence\"; the fused\n"
+            "rows otherwise keep them fp32). Inference tables add peer rows where installed (pip install\n"
+            "'seqvision[deploy]'): OpenVINO (latency / throughput hint, bf16 where the CPU has bf16 hardware) and\n"
+            "ONNX Runtime (fp32) on seqvision's ONNX export of the same weights; lines under the table give the\n"
+            "bf16-recurrence A/B and seqvision's fastest row against OpenVINO's, paired round by round.\n"
+            "A run stopped by SIGTERM (e.g. by `timeout`) prints the groups it finished and exits with 124.\n"
             "--device cuda runs the GPU benchmark instead (seqvision.benchmark_gpu: Triton engine, AMP, batch 256;\n"
             "eager rows, then torch.compile rows unless --no-compile).\n"
             "All rows share one process (and its memory allocator); for a training step as a run of its own sees\n"
@@ -74,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-convnext", action="store_true", help="skip the convnext_tiny row")
+    parser.add_argument("--no-reference", action="store_true", help="skip seqvision's reference-engine rows")
+    parser.add_argument("--no-peers", action="store_true", help="skip the OpenVINO and ONNX Runtime rows")
     return parser
 
 
@@ -127,6 +148,8 @@ class Row:
 
     @property
     def dtype(self) -> str:
+        if self.mode == PEER_BF16:
+            return "bf16"
         return next(d for d, modes in MODES.items() if self.mode in modes)
 
 
@@ -152,14 +175,33 @@ def speed_ratios(row: Row, base: Row) -> tuple[float, float, float, float]:
     return fastest, q1, median, q3
 
 
-def _make_step(model: nn.Module, batch: int, img: int, dtype: str, mode: str, train: bool, engine: str | None):
-    """A closure running one inference or training step of ``model`` with fixed synthetic data."""
+def _make_step(
+    model: nn.Module,
+    batch: int,
+    img: int,
+    dtype: str,
+    mode: str,
+    train: bool,
+    engine: str | None,
+    bf16_recurrence: bool | None = None,
+):
+    """A closure running one inference or training step of ``model`` with fixed synthetic data (with the fused
+    engine's bf16-recurrence setting ``bf16_recurrence`` where not None)."""
     from . import ops
+    from .ops import fused
 
     autocast = dtype == "bf16" and mode == "autocast"
     in_dtype = torch.bfloat16 if dtype == "bf16" and mode == "bf16 weights" else torch.float32
     x = torch.randn(batch, 3, img, img, dtype=in_dtype)
-    engine_ctx = (lambda: ops.use_engine(engine)) if engine else contextlib.nullcontext
+    if bf16_recurrence is None:
+        engine_ctx = (lambda: ops.use_engine(engine)) if engine else contextlib.nullcontext
+    else:
+
+        @contextlib.contextmanager
+        def engine_ctx():
+            with ops.use_engine(engine or "fused"), fused.use_bf16_recurrence(bf16_recurrence):
+                yield
+
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
     if not train:
         model.eval()
@@ -184,20 +226,29 @@ def _make_step(model: nn.Module, batch: int, img: int, dtype: str, mode: str, tr
     return step
 
 
+def seeded_model(name: str) -> nn.Module:
+    """seqvision's ``name`` with the weights of seed 0 (the global RNG is left as it was): every seqvision row and
+    the peers' exported model hold the same weights."""
+    from .models import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_model(name)
+
+
 def _row_specs(args) -> list[tuple[str, Callable[[], nn.Module], str | None, bool]]:
     """(row name, model factory, engine, compile?) for every row."""
     import timm
 
-    from .models import create_model
-
-    seq = lambda: create_model(args.model)
+    seq = lambda: seeded_model(args.model)
     tim = lambda: timm.create_model(args.model)
-    rows = [("seqvision fused", seq, "fused", False)]
+    rows = [("seqvision fused", seq, "fused", False), (BF16_RECURRENCE_ROW, seq, "fused", False)]
     if not args.no_compile:
         rows.append(("seqvision fused + torch.compile", seq, "fused", True))
-    rows.append(("seqvision reference", seq, "reference", False))
-    if not args.no_compile:
-        rows.append(("seqvision reference + torch.compile", seq, "reference", True))
+    if not args.no_reference:
+        rows.append(("seqvision reference", seq, "reference", False))
+        if not args.no_compile:
+            rows.append(("seqvision reference + torch.compile", seq, "reference", True))
     if timm.is_model(args.model):
         rows.append((f"timm {args.model}", tim, None, False))
         if not args.no_compile:
@@ -223,6 +274,151 @@ def _flops_per_image(factory: Callable[[], nn.Module], img: int) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.eval()(torch.zeros(1, 3, img, img, device="meta"))
     return float(counter.get_total_flops())
+
+
+# -- peer rows: the deployment runtimes on seqvision's ONNX export ------------------------------------------------
+@dataclass
+class PeerSpec:
+    """One peer row per (dtype, batch): ``make_step(batch, img_size)`` returns its step; ``dtype``: fp32 or bf16."""
+
+    name: str
+    dtype: str
+    make_step: Callable[[int, int], Callable[[], None]]
+
+    @property
+    def mode(self) -> str:
+        return "fp32" if self.dtype == "fp32" else PEER_BF16
+
+
+def _openvino_specs(ov, onnx_path: Path, dtypes: list[str], threads: int) -> tuple[list[PeerSpec], list[str]]:
+    """OpenVINO rows (latency and throughput hints, per dtype), each compiled on first use; notes for the rest."""
+    core = ov.Core()
+    version = ov.__version__.split("-")[0]
+    compiled: dict[tuple[str, str], object] = {}
+    notes = []
+
+    def compile_for(precision: str, hint: str):
+        if (precision, hint) not in compiled:
+            config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads}
+            compiled[(precision, hint)] = core.compile_model(str(onnx_path), "CPU", config)
+        return compiled[(precision, hint)]
+
+    def step_factory(precision: str, hint: str) -> Callable[[int, int], Callable[[], None]]:
+        def make_step(batch: int, img: int) -> Callable[[], None]:
+            model = compile_for(precision, hint)
+            x = torch.randn(batch, 3, img, img).numpy()
+            requests = min(batch, int(model.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+            if hint == "LATENCY" or requests == 1:
+                request = model.create_infer_request()
+                return lambda: request.infer({0: x})
+            # Throughput mode as OpenVINO means it: the batch split over its parallel streams, one request each.
+            chunks = [c.copy() for c in np.array_split(x, requests)]
+            queue = ov.AsyncInferQueue(model, requests)
+
+            def step():
+                for c in chunks:
+                    queue.start_async({0: c})
+                queue.wait_all()
+
+            return step
+
+        return make_step
+
+    specs = []
+    has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    for dtype in dtypes:
+        if dtype == "bf16" and not has_bf16:
+            notes.append("no OpenVINO bf16 rows: OpenVINO has no bf16 kernels for this CPU (it runs them in fp32)")
+            continue
+        precision = "f32" if dtype == "fp32" else "bf16"
+        for hint in ("LATENCY", "THROUGHPUT"):
+            specs.append(PeerSpec(f"OpenVINO {version}, {hint.lower()} hint", dtype, step_factory(precision, hint)))
+    return specs, notes
+
+
+def _onnxruntime_specs(ort, onnx_path: Path, dtypes: list[str], threads: int) -> tuple[list[PeerSpec], list[str]]:
+    """The ONNX Runtime row (CPU execution provider, fp32)."""
+    notes = ["no ONNX Runtime bf16 row: its CPU execution provider runs this model in fp32"] if "bf16" in dtypes else []
+    if "fp32" not in dtypes:
+        return [], notes
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session: list = []
+
+    def make_step(batch: int, img: int) -> Callable[[], None]:
+        if not session:
+            session.append(ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"]))
+        x = torch.randn(batch, 3, img, img).numpy()
+        return lambda: session[0].run(None, {"images": x})
+
+    return [PeerSpec(f"ONNX Runtime {ort.__version__}", "fp32", make_step)], notes
+
+
+def prepare_peers(args, dtypes: list[str], workdir: Path) -> tuple[list[PeerSpec], list[str]]:
+    """The peer rows this run can have (OpenVINO, ONNX Runtime: the installed ones), after exporting the seqvision
+    rows' weights with ``seqvision.export.export_onnx`` into ``workdir``; and one note per row left out."""
+    wanted = [d for d in dtypes if d in ("fp32", "bf16")]
+    if args.no_peers or not wanted:
+        return [], []
+    if args.train:
+        return [], ["no OpenVINO / ONNX Runtime rows: they are inference runtimes (drop --train to see them)"]
+    runtimes, notes = {}, []
+    for module, label in (("openvino", "OpenVINO"), ("onnxruntime", "ONNX Runtime")):
+        try:
+            runtimes[module] = __import__(module)
+        except ImportError:
+            notes.append(f"no {label} rows: pip install 'seqvision[deploy]' to compare with {label}")
+    if not runtimes:
+        return [], notes
+    from .export import export_onnx
+
+    onnx_path = workdir / f"{args.model}.onnx"
+    try:
+        export_onnx(seeded_model(args.model).eval(), onnx_path, args.img_size)
+    except Exception as e:  # a variant the exporter cannot take: the other rows still run
+        return [], [*notes, f"no peer rows: the ONNX export failed ({type(e).__name__}: {str(e)[:150]})"]
+    specs = []
+    threads = torch.get_num_threads()
+    if "openvino" in runtimes:
+        more, more_notes = _openvino_specs(runtimes["openvino"], onnx_path, wanted, threads)
+        specs, notes = specs + more, notes + more_notes
+    if "onnxruntime" in runtimes:
+        more, more_notes = _onnxruntime_specs(runtimes["onnxruntime"], onnx_path, wanted, threads)
+        specs, notes = specs + more, notes + more_notes
+    return specs, notes
+
+
+def comparisons(rows: list[Row]) -> list[str]:
+    """Lines pairing rows of one (dtype, batch) round by round: the bf16 recurrence against the fp32 one (fused
+    engine, same mode), and seqvision's fastest row against OpenVINO's fastest."""
+    from .ops import fused
+
+    kernel = fused.bf16_recurrence_kernel() if fused.available() else "reference engine"
+    lines = []
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        if r.times:
+            groups.setdefault((r.dtype, r.batch), []).append(r)
+    for (dtype, batch), group in groups.items():
+        for r in group:
+            if r.name != BF16_RECURRENCE_ROW:
+                continue
+            base = next((b for b in group if b.name == "seqvision fused" and b.mode == r.mode), None)
+            if base is not None:
+                title = f"bf16 vs fp32 recurrence ({kernel} kernel), fused, {r.mode}, batch {batch}"
+                lines.append(_pair_line(title, r, base))
+        ours = [r for r in group if r.name.startswith("seqvision")]
+        openvino = [r for r in group if r.name.startswith("OpenVINO")]
+        if ours and openvino:
+            best, peer = (min(rs, key=lambda r: min(r.times)) for rs in (ours, openvino))
+            title = f"{best.name} ({best.mode}) vs {peer.name} ({peer.mode}), {dtype}, batch {batch}"
+            lines.append(_pair_line(title, best, peer))
+    return lines
+
+
+def _pair_line(title: str, row: Row, base: Row) -> str:
+    fastest, q1, median, q3 = speed_ratios(row, base)
+    return f"{title}: {fastest:.2f}x fastest rounds, {median:.2f}x per-round median ({q1:.2f}-{q3:.2f})"
 
 
 def _fmt_table(rows: list[Row], peaks: dict[str, float], train: bool) -> str:
@@ -274,49 +470,33 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("int8 (dynamic quantisation) is inference only; drop int8 from --dtype or drop --train")
     if not fused.available():
         print(f"note: the fused engine is not available ({fused.load_error()}); its rows use the reference path")
-    peaks = {"fp32": gemm_peak(torch.float32)}
-    if "bf16" in dtypes:
-        peaks["bf16"] = gemm_peak(torch.bfloat16, 3072)
-    specs = _row_specs(args)
-    flops = {name: _flops_per_image(factory, args.img_size) for name, factory, _, _ in specs}
+    with tempfile.TemporaryDirectory(prefix="seqvision-bench-") as workdir:
+        return _run_cpu(args, batches, dtypes, Path(workdir))
 
+
+def _run_cpu(args: argparse.Namespace, batches: list[int], dtypes: list[str], workdir: Path) -> int:
+    peaks: dict[str, float] = {}
     all_rows: list[Row] = []
-    for dtype in dtypes:
-        for batch in batches:
-            rows: list[Row] = []
-            for mode in MODES[dtype]:
-                for name, factory, engine, comp in specs:
-                    if mode == "int8 dynamic" and (comp or engine == "fused"):
-                        continue  # quantised LSTMs run on the reference path; compile rows add nothing here
-                    model = factory()
-                    if mode == "bf16 weights":
-                        model = model.bfloat16()
-                    if mode == "int8 dynamic":
-                        model = quantize_dynamic(model)
-                    if comp:  # the step calls the compiled callable; parameters and train()/eval() stay shared
-                        model = _Compiled(model, name.startswith("timm"))
-                    step = _make_step(model, batch, args.img_size, dtype, mode, args.train, engine)
-                    rows.append(Row(name, mode, batch, step, flops[name]))
-            # Warm-up (compilation happens here), memory per row, then interleaved timed rounds.
-            for r in list(rows):
-                gc.collect()
-                try:
-                    with rss_peak() as peak:
-                        for _ in range(args.warmup):
-                            r.step()
-                except Exception as e:  # e.g. a torch.compile failure: report it, keep the other rows
-                    print(f"{r.name} ({r.mode}, batch {r.batch}) failed: {type(e).__name__}: {str(e)[:200]}")
-                    rows.remove(r)
-                    continue
-                r.mem = peak[0]
-            for _ in range(args.iters):
-                for r in rows:
-                    t = time.perf_counter()
-                    r.step()
-                    r.times.append(time.perf_counter() - t)
-            all_rows += rows
-            del rows
+    groups = [(dtype, batch) for dtype in dtypes for batch in batches]
+    done = 0
+    with _stop_on_sigterm() as stopped:
+        peaks["fp32"] = gemm_peak(torch.float32)
+        if "bf16" in dtypes:
+            peaks["bf16"] = gemm_peak(torch.bfloat16, 3072)
+        specs = _row_specs(args)
+        flops = {name: _flops_per_image(factory, args.img_size) for name, factory, _, _ in specs}
+        peer_specs, notes = prepare_peers(args, dtypes, workdir)
+        for note in notes:
+            print(f"note: {note}")
+        for dtype, batch in groups:
+            all_rows += _measure_group(args, dtype, batch, specs, flops, peer_specs)
+            done += 1
             gc.collect()
+    if stopped:
+        print(
+            f"note: stopped by SIGTERM (a time limit?) after {done} of {len(groups)} dtype / batch groups; "
+            "the table shows the groups that finished"
+        )
     kind = "training step (fwd + bwd + AdamW)" if args.train else "inference"
     print(
         f"\n{args.model}, {args.img_size} px, {kind}, {torch.get_num_threads()} threads; GEMM peak measured: "
@@ -324,7 +504,83 @@ def run(args: argparse.Namespace) -> int:
         + "\n"
     )
     print(_fmt_table(all_rows, peaks, args.train))
-    return 0
+    lines = comparisons(all_rows)
+    if lines:
+        print("\nPaired in the same rounds (> 1: the first is faster):")
+        print("\n".join(f"- {line}" for line in lines))
+    return 124 if stopped else 0
+
+
+class _Stopped(BaseException):
+    """Raised by the SIGTERM handler; a BaseException, so a row's `except Exception` does not swallow it."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[list[bool]]:
+    """While inside, SIGTERM (``timeout``'s signal) ends the block early instead of the process; the yielded list
+    is non-empty afterwards if it did. A long run cut off by a time limit then still prints what it measured."""
+    stopped: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+
+    def handler(signum, frame):
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield stopped
+    except _Stopped:
+        stopped.append(True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _measure_group(args, dtype: str, batch: int, specs, flops: dict[str, float], peer_specs) -> list[Row]:
+    """Every row of one (dtype, batch): built, warmed up (its memory measured), then timed in interleaved rounds."""
+    rows: list[Row] = []
+    for mode in MODES[dtype]:
+        for name, factory, engine, comp in specs:
+            if mode == "int8 dynamic" and (comp or engine == "fused"):
+                continue  # quantised LSTMs run on the reference path; compile rows add nothing here
+            if name == BF16_RECURRENCE_ROW and dtype != "bf16":
+                continue  # the setting changes bf16 calls only
+            model = factory()
+            if mode == "bf16 weights":
+                model = model.bfloat16()
+            if mode == "int8 dynamic":
+                model = quantize_dynamic(model)
+            if comp:  # the step calls the compiled callable; parameters and train()/eval() stay shared
+                model = _Compiled(model, name.startswith("timm"))
+            # The fused rows fix the setting both ways, so SEQVISION_BF16_RECURRENCE cannot blur the A/B.
+            recurrence = {"seqvision fused": False, BF16_RECURRENCE_ROW: True}.get(name)
+            step = _make_step(model, batch, args.img_size, dtype, mode, args.train, engine, recurrence)
+            rows.append(Row(name, mode, batch, step, flops[name]))
+    for peer in (p for p in peer_specs if p.dtype == dtype):
+        try:
+            step = peer.make_step(batch, args.img_size)
+        except Exception as e:  # e.g. a runtime that cannot compile the model: keep the other rows
+            print(f"{peer.name} ({peer.mode}, batch {batch}) failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        rows.append(Row(peer.name, peer.mode, batch, step, flops["seqvision fused"]))
+    # Warm-up (compilation happens here), memory per row, then interleaved timed rounds.
+    for r in list(rows):
+        gc.collect()
+        try:
+            with rss_peak() as peak:
+                for _ in range(args.warmup):
+                    r.step()
+        except Exception as e:  # e.g. a torch.compile failure: report it, keep the other rows
+            print(f"{r.name} ({r.mode}, batch {r.batch}) failed: {type(e).__name__}: {str(e)[:200]}")
+            rows.remove(r)
+            continue
+        r.mem = peak[0]
+    for _ in range(args.iters):
+        for r in rows:
+            t = time.perf_counter()
+            r.step()
+            r.times.append(time.perf_counter() - t)
+    return rows
 
 
 def _run_gpu(args: argparse.Namespace) -> int:

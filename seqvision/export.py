@@ -1,9 +1,11 @@
-"""``seqvision export``: ONNX and torch.export programs with dynamic batch, height and width.
+"""``seqvision export``: ONNX, OpenVINO IR and torch.export programs with dynamic batch, height and width.
 
 ONNX: the TorchScript-based exporter lowers nn.LSTM / GRU / RNN to ONNX's own LSTM / GRU / RNN nodes,
 whose sequence length stays dynamic (the dynamo-based exporter unrolls the time loop instead, which fixes
-the image size). torch.export: the recurrences are captured as one custom op (``seqvision::rnn2d_reference``)
-with symbolic shapes. Either way the exported model is run at two image sizes and compared with PyTorch.
+the image size). OpenVINO: that ONNX file converted to OpenVINO's IR (.xml + .bin, fp32 weights; the optional
+``openvino`` package, ``pip install 'seqvision[deploy]'``). torch.export: the recurrences are captured as one
+custom op (``seqvision::rnn2d_reference``) with symbolic shapes. Every format is run at two image sizes and
+compared with PyTorch.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from .errors import ExportError, UserError
 from .files import atomic_write
 from .inference import load_model
 
-FORMATS = ("onnx", "torch-export")
+FORMATS = ("onnx", "openvino", "torch-export")
 TOLERANCE = 1e-4
 
 
@@ -46,6 +49,43 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int, opset:
             )  # fmt: skip
 
     return atomic_write(path, write)
+
+
+def require_openvino():
+    """The ``openvino`` module, or an ExportError that says how to install it."""
+    try:
+        import openvino
+    except ImportError:
+        raise ExportError(
+            "the openvino format needs OpenVINO: pip install 'seqvision[deploy]' (or pip install openvino)"
+        ) from None
+    return openvino
+
+
+def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: int, opset: int = 17) -> Path:
+    """Write ``model`` as an OpenVINO IR with dynamic batch / height / width: ``path`` (NAME.xml) and the weights
+    beside it (NAME.bin), converted from ``export_onnx``'s file. Weights stay fp32: OpenVINO picks the inference
+    precision (bf16 on CPUs with bf16 hardware) when it compiles the model, as it does for ONNX input."""
+    ov = require_openvino()
+    path = Path(path)
+    if path.suffix != ".xml":
+        raise ExportError(f"an OpenVINO IR is NAME.xml plus NAME.bin: give an output path ending in .xml, not {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}.")
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        onnx_path = export_onnx(model, Path(staging) / "model.onnx", img_size, opset)
+        staged = Path(staging) / path.name
+        ov.save_model(ov.convert_model(str(onnx_path)), str(staged), compress_to_fp16=False)
+        os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))  # the .xml last: it names a complete IR
+        os.replace(staged, path)
+    finally:
+        for leftover in Path(staging).iterdir():
+            leftover.unlink()
+        os.rmdir(staging)
+    return path
 
 
 def export_program(model: nn.Module, path: str | os.PathLike, img_size: int) -> Path:
@@ -71,6 +111,11 @@ def verify(path: str | os.PathLike, fmt: str, model: nn.Module, sizes: list[tupl
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         run = lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])  # noqa: E731
+    elif fmt == "openvino":
+        # fp32 explicitly: on CPUs with bf16 hardware OpenVINO would otherwise run bf16 and the check would measure
+        # rounding, not the export.
+        compiled = require_openvino().Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        run = lambda x: torch.from_numpy(compiled(x.numpy())[0])  # noqa: E731
     else:
         program = torch.export.load(str(path)).module()
         run = program
@@ -86,19 +131,21 @@ def verify(path: str | os.PathLike, fmt: str, model: nn.Module, sizes: list[tupl
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=(
-            "Export a trained Sequencer to ONNX or a torch.export program with dynamic batch, height and width, "
-            f"then run it at two image sizes and compare with PyTorch (fails if the difference exceeds {TOLERANCE})."
+            "Export a trained Sequencer to ONNX, OpenVINO IR (.xml + .bin; needs pip install 'seqvision[deploy]') "
+            "or a torch.export program with dynamic batch, height and width, then run it at two image sizes and "
+            f"compare with PyTorch in fp32 (fails if the difference exceeds {TOLERANCE})."
         ),
         epilog=(
             "examples:\n"
             "  seqvision export --format onnx --checkpoint runs/digits/best.pth digits.onnx\n"
+            "  seqvision export --format openvino --checkpoint runs/digits/best.pth digits.xml\n"
             "  seqvision export --format torch-export --model sequencer2d_s --checkpoint sequencer2d_s.pth s.pt2\n"
             "  seqvision export --format onnx --checkpoint best.pth --quantize dynamic digits-int8.onnx"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("out", help="output file (.onnx or .pt2)")
-    p.add_argument("--format", required=True, choices=FORMATS, help="onnx or torch-export")
+    p.add_argument("out", help="output file (.onnx, .xml for OpenVINO (its .bin goes beside it), or .pt2)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx, openvino or torch-export")
     p.add_argument("--checkpoint", help="weights to export (any format seqvision reads)")
     p.add_argument("--model", help="variant name (needed only when the checkpoint does not say)")
     p.add_argument("--pretrained", action="store_true", help="export the published weights of --model")
@@ -113,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
-        raise ExportError(f"unknown format {args.format!r}; choose {' or '.join(FORMATS)}")
+        raise ExportError(f"unknown format {args.format!r}; choose {', '.join(FORMATS)}")
     if args.quantize and args.format != "onnx":
         raise ExportError("--quantize applies to ONNX exports; for PyTorch use `seqvision predict --quantize dynamic`")
     loaded = load_model(args.checkpoint, args.model, "cpu", pretrained=args.pretrained)
@@ -128,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
                 from onnxruntime.quantization import quantize_dynamic as ort_quantize
 
                 ort_quantize(str(out), str(out), weight_type=QuantType.QInt8)
+        elif args.format == "openvino":
+            export_openvino(model, out, size, args.opset)
         else:
             export_program(model, out, size)
     except UserError:
@@ -142,5 +191,7 @@ def run(args: argparse.Namespace) -> int:
         print("int8 weights: the difference above is quantisation error; check accuracy with `seqvision validate`")
     elif worst > TOLERANCE:
         raise ExportError(f"{out} differs from PyTorch by {worst:.2e} (> {TOLERANCE}); the export is not faithful")
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB), dynamic batch/height/width, {loaded.name}")
+    files = [out, out.with_suffix(".bin")] if args.format == "openvino" else [out]
+    size_mb = sum(f.stat().st_size for f in files) / 1e6
+    print(f"wrote {' and '.join(map(str, files))} ({size_mb:.1f} MB), dynamic batch/height/width, {loaded.name}")
     return 0

@@ -1,6 +1,7 @@
-"""Deployment: predict, ONNX / torch.export with dynamic sizes, int8, and their errors."""
+"""Deployment: predict, ONNX / OpenVINO / torch.export with dynamic sizes, int8, and their errors."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -117,6 +118,42 @@ def test_torch_export_dynamic_sizes_and_vanilla(tmp_path):
     )
     out = export_program(vanilla, tmp_path / "v.pt2", 56)
     assert max(r["max_abs_diff"] for r in verify(out, "torch-export", vanilla, [(56, 56), (70, 98)])) < 1e-4
+
+
+@pytest.mark.parametrize("kw", [{}, dict(cell="gru")])
+def test_openvino_export_dynamic_sizes(tmp_path, kw):
+    pytest.importorskip("openvino", reason="optional: pip install 'seqvision[deploy]'")
+    from seqvision.export import export_openvino
+
+    model = random_model(**kw)
+    out = export_openvino(model, tmp_path / "ir" / "m.xml", 56)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.bin", "m.xml"]  # no staging files left behind
+    report = verify(out, "openvino", model, [(56, 56), (42, 84), (112, 70)])  # OpenVINO's output vs eager PyTorch
+    assert [r["batch"] for r in report] == [1, 2, 3]
+    assert max(r["max_abs_diff"] for r in report) < 1e-4
+
+
+def test_export_command_openvino(checkpoint, tmp_path, capsys):
+    pytest.importorskip("openvino", reason="optional: pip install 'seqvision[deploy]'")
+    path, _ = checkpoint
+    assert main(["export", "--format", "openvino", "--checkpoint", str(path), str(tmp_path / "a.xml")]) == 0
+    out = capsys.readouterr().out
+    assert "at 56x56" in out and "at 42x70" in out and f"wrote {tmp_path / 'a.xml'} and {tmp_path / 'a.bin'}" in out
+    # fp32 weights (compress_to_fp16 off): over 3 bytes a parameter; fp16 would be 2 (OpenVINO keeps one sum of the
+    # RNNs' two bias vectors, so a little under 4).
+    assert (tmp_path / "a.bin").stat().st_size > 3 * sum(p.numel() for p in load_model(path).model.parameters())
+
+
+def test_openvino_export_errors_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    path, _ = checkpoint
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as where it is not installed
+    assert main(["export", "--format", "openvino", "--checkpoint", str(path), str(tmp_path / "a.xml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'seqvision[deploy]'" in err and "\n" not in err
+    monkeypatch.delitem(sys.modules, "openvino")
+    pytest.importorskip("openvino", reason="optional: pip install 'seqvision[deploy]'")
+    assert main(["export", "--format", "openvino", "--checkpoint", str(path), str(tmp_path / "a.onnx")]) == 2
+    assert "ending in .xml" in capsys.readouterr().err
 
 
 def test_traceable_engine_matches_reference():

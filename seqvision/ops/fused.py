@@ -7,8 +7,9 @@ tanh-RNN variants (gru_sequencer2d_s, rnn_sequencer2d_s), faster:
 - the four recurrences run in lock-step in C++, each thread owning a slice of the sequences for the whole
   time loop (no barrier per step); per step and direction one small GEMM (h_prev @ W_hh^T) is followed by a
   fused gate loop, and each h is written straight into the final B x H x W x 4D output;
-- bfloat16 (also under CPU autocast) runs the input-projection GEMM in bf16; recurrent products, gates and
-  cell state stay fp32;
+- bfloat16 (also under CPU autocast) runs the input-projection GEMM in bf16; gates and cell state stay fp32,
+  and so do the recurrent products unless ``SEQVISION_BF16_RECURRENCE=1`` (or ``use_bf16_recurrence``) gives
+  them bf16 operands with fp32 accumulation, on the AMX tiles where the CPU has them (``bf16_recurrence_kernel``);
 - training saves the gates (and the LSTM's cell states); the backward runs the reverse-time recurrence in
   C++ and gets dx and every weight gradient from a few large GEMMs.
 
@@ -22,12 +23,14 @@ it off.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -135,6 +138,40 @@ def _load() -> ModuleType | None:
     return _ext
 
 
+_bf16_recurrence = os.environ.get("SEQVISION_BF16_RECURRENCE", "") not in ("", "0")
+
+
+def bf16_recurrence() -> bool:
+    """Whether bf16 calls give the recurrent products bf16 operands (h and W_hh rounded, fp32 accumulation)
+    instead of fp32 ones: SEQVISION_BF16_RECURRENCE set to anything but "" or "0" at import, or
+    ``set_bf16_recurrence``. Off by default: which one is faster depends on the CPU's matrix units."""
+    return _bf16_recurrence
+
+
+def set_bf16_recurrence(enabled: bool) -> None:
+    """Choose the precision of the recurrent products of bf16 calls from now on (see ``bf16_recurrence``)."""
+    global _bf16_recurrence
+    _bf16_recurrence = bool(enabled)
+
+
+@contextlib.contextmanager
+def use_bf16_recurrence(enabled: bool) -> Iterator[None]:
+    """Context manager form of ``set_bf16_recurrence``; restores the previous choice on exit."""
+    previous = _bf16_recurrence
+    set_bf16_recurrence(enabled)
+    try:
+        yield
+    finally:
+        set_bf16_recurrence(previous)
+
+
+def bf16_recurrence_kernel() -> str:
+    """What runs the bf16 recurrent products here: "amx" (oneDNN's batch-reduce GEMM ukernel on the AMX tiles,
+    weights packed for them once per call) or "gemm" (ATen's bf16 GEMM: correct everywhere, not faster than the
+    fp32 products); builds the engine if needed."""
+    return str(_require().bf16_recurrence_kernel())
+
+
 def disabled_by_env() -> bool:
     """True when SEQVISION_NO_FUSED is set to anything but "" or "0"."""
     return os.environ.get("SEQVISION_NO_FUSED", "") not in ("", "0")
@@ -185,16 +222,25 @@ _SAVED = {"lstm": 4, "gru": 5, "rnn": 1}  # acc values saved per token, directio
 
 @torch.library.custom_op("seqvision::rnn2d_fused", mutates_args=())
 def rnn2d_op(
-    x: Tensor, w_ih: Tensor, bias: Tensor, bias_hn: Tensor, w_hh: Tensor, cell: str, n_v: int, n_h: int, save: bool
+    x: Tensor,
+    w_ih: Tensor,
+    bias: Tensor,
+    bias_hn: Tensor,
+    w_hh: Tensor,
+    cell: str,
+    n_v: int,
+    n_h: int,
+    save: bool,
+    bf16_recurrence: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused RNN2D forward: (out B x H x W x ndir*D, gates, cells); gates / cells are empty unless ``save``
-    (cells: LSTM only)."""
-    out, gates, cells = _require().rnn2d_forward(x, w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, save)
+    (cells: LSTM only). ``bf16_recurrence``: bf16 operands for the recurrent products of a bf16 ``x``."""
+    out, gates, cells = _require().rnn2d_forward(x, w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, save, bf16_recurrence)
     return out, gates, cells
 
 
 @rnn2d_op.register_fake
-def _(x, w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, save):
+def _(x, w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, save, bf16_recurrence=False):
     B, H, W, _ = x.shape
     nd, D = n_v + n_h, w_hh.shape[2]
     acc = _acc_dtype(x.dtype)
@@ -215,15 +261,16 @@ def rnn2d_op_backward(
     cell: str,
     n_v: int,
     n_h: int,
+    bf16_recurrence: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx, dw_ih, dbias, dbias_hn, dw_hh) of ``rnn2d_op``'s output from what its forward saved."""
-    grads = _require().rnn2d_backward(grad, x, w_ih, w_hh, out, gates, cells, cell, n_v, n_h)
+    grads = _require().rnn2d_backward(grad, x, w_ih, w_hh, out, gates, cells, cell, n_v, n_h, bf16_recurrence)
     dx, dw_ih, dbias, dbias_hn, dw_hh = grads
     return dx, dw_ih, dbias, dbias_hn, dw_hh
 
 
 @rnn2d_op_backward.register_fake
-def _(grad, x, w_ih, w_hh, out, gates, cells, cell, n_v, n_h):
+def _(grad, x, w_ih, w_hh, out, gates, cells, cell, n_v, n_h, bf16_recurrence=False):
     acc = _acc_dtype(x.dtype)
     dbias = x.new_empty(w_ih.shape[0], dtype=acc)
     dbias_hn = x.new_empty((n_v + n_h) * w_hh.shape[2] if cell == "gru" else 0, dtype=acc)
@@ -231,11 +278,12 @@ def _(grad, x, w_ih, w_hh, out, gates, cells, cell, n_v, n_h):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, save = inputs
+    x, w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, save, *rest = inputs
     out, gates, cells = output
     ctx.mark_non_differentiable(gates, cells)
     ctx.save_for_backward(x, w_ih, w_hh, out, gates, cells)
     ctx.cell, ctx.n_v, ctx.n_h, ctx.save = cell, n_v, n_h, save
+    ctx.bf16_recurrence = bool(rest[0]) if rest else False
     ctx.bias_dtype, ctx.bias_hn_dtype = bias.dtype, bias_hn.dtype
 
 
@@ -244,9 +292,9 @@ def _backward(ctx, grad, _grad_gates, _grad_cells):
         raise RuntimeError("seqvision::rnn2d_fused was run with save=False; its output has no gradient")
     x, w_ih, w_hh, out, gates, cells = ctx.saved_tensors
     dx, dw_ih, dbias, dbias_hn, dw_hh = rnn2d_op_backward(
-        grad.contiguous(), x, w_ih, w_hh, out, gates, cells, ctx.cell, ctx.n_v, ctx.n_h
+        grad.contiguous(), x, w_ih, w_hh, out, gates, cells, ctx.cell, ctx.n_v, ctx.n_h, ctx.bf16_recurrence
     )
-    return dx, dw_ih, dbias.to(ctx.bias_dtype), dbias_hn.to(ctx.bias_hn_dtype), dw_hh, None, None, None, None
+    return dx, dw_ih, dbias.to(ctx.bias_dtype), dbias_hn.to(ctx.bias_hn_dtype), dw_hh, None, None, None, None, None
 
 
 rnn2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -297,7 +345,8 @@ def rnn2d_fused(x: Tensor, rnn_v: nn.RNNBase | None, rnn_h: nn.RNNBase | None, u
         bias = w_ih.new_zeros(w_ih.shape[0], dtype=acc)
         if cell == "gru":
             bias_hn = w_ih.new_zeros(len(rnns) * dirs * rnns[0].hidden_size, dtype=acc)
-    out, _, _ = rnn2d_op(x.to(dtype).contiguous(), w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, save)
+    bf16_rec = dtype == torch.bfloat16 and _bf16_recurrence
+    out, _, _ = rnn2d_op(x.to(dtype).contiguous(), w_ih, bias, bias_hn, w_hh, cell, n_v, n_h, save, bf16_rec)
     if n_v and n_h and union != "cat":  # the reference joins two axes by addition unless union == "cat"
         half = out.shape[-1] // 2
         out = out[..., :half] + out[..., half:]

@@ -10,13 +10,15 @@
 // Each h is written straight into the final B x H x W x (ndir*D) output at its direction's column block.
 //
 // Precision: float and double run in their own type. bfloat16: the input projection (~80% of the FLOPs) is a
-// bf16 GEMM (oneDNN, fp32 accumulation); the small recurrent GEMMs, gates, h and c are fp32 ("acc" type), and
-// only the output is rounded to bf16.
+// bf16 GEMM (oneDNN, fp32 accumulation); gates, h and c are fp32 ("acc" type), and only the output is rounded to
+// bf16. The small recurrent GEMMs run in fp32 by default; with `bf16_recurrence` they take bf16 operands (h and
+// W_hh rounded) with fp32 accumulation, on the matrix units where the CPU has them (Bf16Operand below).
 
 // ATen and the op registry only: <torch/extension.h> (pybind11 and the whole C++ frontend) took 46 of the
 // build's 47 s on 2 cores; these headers take 11.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <sys/mman.h>
@@ -154,6 +156,83 @@ struct SequentialBlas {
 };
 
 // ---------------------------------------------------------------------------------------------------------
+// The fixed right operand B (K x N) of a recurrent product C = A B in bf16, prepared once per call and used at
+// every step. Rows are padded with zeros to an even count and columns to a multiple of 16 (the matrix units
+// multiply rows in pairs and write 16 fp32 columns per tile); A's padding columns are zero too, so the padding
+// adds nothing. Where oneDNN packs bf16 for AMX, B is split into column blocks of `nb` (the output widths its
+// packing takes) and each block is packed: the products then run on AMX tiles through oneDNN's batch-reduce
+// GEMM ukernel (ATen's cpublas::brgemm). Elsewhere B stays row-major and the same call runs ATen's bf16 GEMM
+// (oneDNN's AVX-512 kernels, or ATen's portable loop): slower, the same products up to summation order.
+class Bf16Operand {
+ public:
+  // B[k][n] = src[k * sk + n * sn].
+  Bf16Operand(const c10::BFloat16* src, int64_t K, int64_t N, int64_t sk, int64_t sn)
+      : k_pad((K + 1) / 2 * 2), n_pad((N + 15) / 16 * 16), vnni_(packs_for_amx()) {
+    nb_ = n_pad;
+    if (vnni_) {
+      for (int64_t nb : {64, 48, 32, 16}) {
+        if (n_pad % nb == 0) {
+          nb_ = nb;
+          break;
+        }
+      }
+    }
+    std::vector<c10::BFloat16> block(k_pad * nb_);
+    data_.resize(k_pad * n_pad);
+    for (int64_t n0 = 0; n0 < n_pad; n0 += nb_) {
+      for (int64_t k = 0; k < k_pad; ++k) {
+        for (int64_t n = 0; n < nb_; ++n) {
+          const bool inside = k < K && n0 + n < N;
+          block[k * nb_ + n] = inside ? src[k * sk + (n0 + n) * sn] : c10::BFloat16(0.0f);
+        }
+      }
+      c10::BFloat16* dst = data_.data() + n0 * k_pad;
+      if (vnni_) {
+        at::native::cpublas::pack(k_pad, nb_, nb_, nb_, at::kBFloat16, at::kBFloat16, block.data(), dst);
+      } else {
+        std::copy(block.begin(), block.end(), dst);
+      }
+    }
+  }
+
+  // C[M x n_pad] (row stride ldc) = A[M x k_pad] (row stride lda) B, in fp32.
+  void multiply(int64_t M, const c10::BFloat16* A, int64_t lda, float* C, int64_t ldc) const {
+    for (int64_t n0 = 0; n0 < n_pad; n0 += nb_) {
+      at::native::cpublas::brgemm(M, nb_, k_pad, lda, nb_, ldc, /*add_C=*/false, A, data_.data() + n0 * k_pad,
+                                  C + n0, vnni_);
+    }
+  }
+
+  // Frees the AMX tile state a thread's multiplications configured; each thread calls it once it is done.
+  void release() const { at::native::cpublas::brgemm_release(vnni_); }
+
+  static bool packs_for_amx() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+  int64_t k_pad, n_pad;
+
+ private:
+  int64_t nb_;
+  bool vnni_;
+  std::vector<c10::BFloat16> data_;
+};
+
+// One operand per direction, from the bf16 recurrent weights (ndir x G*D x D): the forward multiplies by W_hh^T
+// (K = D, N = G*D), the backward by W_hh (K = G*D, N = D).
+std::vector<Bf16Operand> bf16_operands(const at::Tensor& w_hh, bool transpose) {
+  const int64_t nd = w_hh.size(0), GD = w_hh.size(1), D = w_hh.size(2);
+  const auto* w = w_hh.data_ptr<c10::BFloat16>();
+  std::vector<Bf16Operand> ops;
+  for (int64_t d = 0; d < nd; ++d) {
+    if (transpose) {
+      ops.emplace_back(w + d * GD * D, D, GD, 1, D);
+    } else {
+      ops.emplace_back(w + d * GD * D, GD, D, D, 1);
+    }
+  }
+  return ops;
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Geometry of one direction over the B x H x W token grid.
 struct Dir {
   bool vertical;
@@ -252,15 +331,20 @@ Cell parse_cell(const std::string& name) {
 // ---------------------------------------------------------------------------------------------------------
 // Forward. Per row: pre = xproj + bias + h_prev W_hh^T, then the cell's gate math. `bias` is b_ih + b_hh,
 // except for the GRU's n block, where it is b_in alone and b_hn (`bias_hn`) goes inside r (W_hn h + b_hn).
-template <typename T, int K, bool SAVE>
+// BR: the recurrent products in bf16 (T = bf16 only), through `bf16_w` (one operand per direction), not `w_hh`.
+template <typename T, int K, bool SAVE, bool BR>
 void rnn_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename Elem<T>::acc* bias,
                       const typename Elem<T>::acc* bias_hn, const typename Elem<T>::acc* w_hh,
-                      T* out, typename Elem<T>::acc* gates, typename Elem<T>::acc* cells) {
+                      const std::vector<Bf16Operand>& bf16_w, T* out, typename Elem<T>::acc* gates,
+                      typename Elem<T>::acc* cells) {
   using acc = typename Elem<T>::acc;
   using raw = typename Elem<T>::raw;
+  static_assert(!BR || std::is_same_v<T, c10::BFloat16>, "bf16 recurrent products are for bf16 calls");
   constexpr int64_t NG = kGates[K], NS = kSaved[K];
   const int64_t nd = int64_t(g.dirs.size()), GD = NG * D, SD = NS * D, proj_ld = nd * GD, out_ld = nd * D;
   const int64_t nt = pick_threads(g), steps = g.steps();
+  // The recurrent product's row stride, and (BR) the row stride of the bf16 copy of h it multiplies.
+  const int64_t r_ld = BR ? bf16_w[0].n_pad : GD, hb_ld = BR ? bf16_w[0].k_pad : 0;
 
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     const SequentialBlas sequential;
@@ -269,7 +353,8 @@ void rnn_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename E
       // Per-thread state in the acc type: h (the next GEMM's input; zero at t = 0), c, the recurrent product.
       std::vector<acc> hbuf(nd * max_rows * D, acc(0));
       std::vector<acc> cbuf(K == kLSTM ? nd * max_rows * D : 0, acc(0));
-      std::vector<acc> rbuf(kRowBlock * GD);
+      std::vector<acc> rbuf(kRowBlock * r_ld);
+      std::vector<uint16_t> hbbuf(nd * max_rows * hb_ld, 0);  // BR: h rounded to bf16 (zero padding columns)
 
       for (int64_t t = 0; t < steps; ++t) {
         for (int64_t d = 0; d < nd; ++d) {
@@ -279,13 +364,16 @@ void rnn_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename E
           acc* h = hbuf.data() + d * max_rows * D;
           acc* c = K == kLSTM ? cbuf.data() + d * max_rows * D : nullptr;
           acc* r = rbuf.data();
+          uint16_t* hb = hbbuf.data() + d * max_rows * hb_ld;
           const acc* b = bias + d * GD;
           const acc* bhn = K == kGRU ? bias_hn + d * D : nullptr;
           // Row blocks keep the recurrent product (kRowBlock x GD) in L1 between the GEMM and the gate loop.
           for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
             const int64_t mb = std::min(kRowBlock, m - r0);
             if (t == 0) {
-              std::fill(r, r + mb * GD, acc(0));  // zero initial state
+              std::fill(r, r + mb * r_ld, acc(0));  // zero initial state
+            } else if constexpr (BR) {
+              bf16_w[d].multiply(mb, reinterpret_cast<const c10::BFloat16*>(hb + r0 * hb_ld), hb_ld, r, r_ld);
             } else {
               gemm(true, int(mb), int(GD), int(D), h + r0 * D, int(D), w_hh + d * GD * D, int(D), acc(0), r, int(GD));
             }
@@ -301,8 +389,9 @@ void rnn_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename E
               }
               const int64_t tok = g.token(dir, t, lo[d] + i);
               const raw* xp = reinterpret_cast<const raw*>(xproj + tok * proj_ld + d * GD);
-              const acc* ri = r + (i - r0) * GD;
+              const acc* ri = r + (i - r0) * r_ld;
               acc* hi_ = h + i * D;
+              uint16_t* hbi = hb + i * hb_ld;
               raw* oi = reinterpret_cast<raw*>(out + tok * out_ld + d * D);
               acc* gs = SAVE ? gates + (tok * nd + d) * SD : nullptr;
               if constexpr (K == kLSTM) {
@@ -319,6 +408,7 @@ void rnn_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename E
                   ci[j] = cn;
                   hi_[j] = hv;
                   oi[j] = Elem<T>::store(hv);
+                  if constexpr (BR) hbi[j] = Elem<c10::BFloat16>::store(hv);
                   if (SAVE) {
                     gs[j] = ig;
                     gs[D + j] = fg;
@@ -338,6 +428,7 @@ void rnn_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename E
                   const acc hv = (acc(1) - zg) * ng + zg * hp;
                   hi_[j] = hv;
                   oi[j] = Elem<T>::store(hv);
+                  if constexpr (BR) hbi[j] = Elem<c10::BFloat16>::store(hv);
                   if (SAVE) {
                     gs[j] = rg;
                     gs[D + j] = zg;
@@ -352,6 +443,7 @@ void rnn_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename E
                   const acc hv = tanh_a(Elem<T>::load(xp[j]) + b[j] + ri[j]);
                   hi_[j] = hv;
                   oi[j] = Elem<T>::store(hv);
+                  if constexpr (BR) hbi[j] = Elem<c10::BFloat16>::store(hv);
                   if (SAVE) gs[j] = hv;
                 }
               }
@@ -360,28 +452,46 @@ void rnn_forward_impl(const Grid& g, int64_t D, const T* xproj, const typename E
         }
       }
     }
+    if constexpr (BR) bf16_w[0].release();
   });
+}
+
+// A hidden-side d(pre-activation) value for the next recurrent product: fp32, or rounded to bf16 (BR).
+template <bool BR, typename acc>
+inline void put_dp(acc* dp, uint16_t* dp_bf16, int64_t idx, acc v) {
+  if constexpr (BR) {
+    dp_bf16[idx] = Elem<c10::BFloat16>::store(v);
+  } else {
+    dp[idx] = v;
+  }
 }
 
 // Backward through time. Produces d(pre-activation) for every token and direction: `dpre` on the input side
 // (dx, dW_ih, the bias) and, for the GRU, whose n block differs by the factor r, `dpre_h` on the hidden side
 // (dW_hh, b_hn); the caller gets dx and every weight gradient from them with large GEMMs.
-template <typename T, int K>
+// BR: the recurrent products in bf16 (T = bf16 only), through `bf16_w` (one operand per direction), not `w_hh`.
+template <typename T, int K, bool BR>
 void rnn_backward_impl(const Grid& g, int64_t D, const T* grad_out, const typename Elem<T>::acc* w_hh,
-                       const typename Elem<T>::acc* gates, const typename Elem<T>::acc* cells, T* dpre, T* dpre_h) {
+                       const std::vector<Bf16Operand>& bf16_w, const typename Elem<T>::acc* gates,
+                       const typename Elem<T>::acc* cells, T* dpre, T* dpre_h) {
   using acc = typename Elem<T>::acc;
   using raw = typename Elem<T>::raw;
+  static_assert(!BR || std::is_same_v<T, c10::BFloat16>, "bf16 recurrent products are for bf16 calls");
   constexpr int64_t NG = kGates[K], NS = kSaved[K];
   const int64_t nd = int64_t(g.dirs.size()), GD = NG * D, SD = NS * D, pre_ld = nd * GD, out_ld = nd * D;
   const int64_t nt = pick_threads(g), steps = g.steps();
+  // Row strides of dL/dh (the product) and of the hidden-side dpre rows it multiplies (BR: in bf16, padded).
+  const int64_t dh_ld = BR ? bf16_w[0].n_pad : D, dp_ld = BR ? bf16_w[0].k_pad : GD;
 
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     const SequentialBlas sequential;
     for (int64_t tid = t0; tid < t1; ++tid) {
       const auto [lo, hi, max_rows] = thread_rows(g, tid, nt);
-      std::vector<acc> dpbuf(nd * max_rows * GD);  // this step's hidden-side dpre rows, contiguous for the GEMM
+      // This step's hidden-side dpre rows, contiguous for the GEMM (BR: rounded to bf16, zero padding columns).
+      std::vector<acc> dpbuf(BR ? 0 : nd * max_rows * GD);
+      std::vector<uint16_t> dpbbuf(BR ? nd * max_rows * dp_ld : 0, 0);
       std::vector<acc> dcbuf(nd * max_rows * D);   // carried to the previous step: LSTM dL/dc, GRU dL/dh via z
-      std::vector<acc> dhbuf(max_rows * D);        // dL/dh from the recurrent product
+      std::vector<acc> dhbuf(max_rows * dh_ld);    // dL/dh from the recurrent product
       const std::vector<acc> zeros(D, acc(0));     // c_{-1}
 
       for (int64_t t = steps - 1; t >= 0; --t) {
@@ -389,12 +499,15 @@ void rnn_backward_impl(const Grid& g, int64_t D, const T* grad_out, const typena
           const Dir& dir = g.dirs[d];
           const int64_t m = hi[d] - lo[d];
           if (t >= dir.T || m == 0) continue;
-          acc* dp = dpbuf.data() + d * max_rows * GD;
+          acc* dp = BR ? nullptr : dpbuf.data() + d * max_rows * GD;
+          uint16_t* dpb = BR ? dpbbuf.data() + d * max_rows * dp_ld : nullptr;
           acc* dc = dcbuf.data() + d * max_rows * D;
           acc* dh = dhbuf.data();
           if (t == dir.T - 1) {
-            std::fill(dh, dh + m * D, acc(0));
+            std::fill(dh, dh + m * dh_ld, acc(0));
             std::fill(dc, dc + m * D, acc(0));
+          } else if constexpr (BR) {
+            bf16_w[d].multiply(m, reinterpret_cast<const c10::BFloat16*>(dpb), dp_ld, dh, dh_ld);
           } else {
             gemm(false, int(m), int(D), int(GD), dp, int(GD), w_hh + d * GD * D, int(D), acc(0), dh, int(D));
           }
@@ -415,8 +528,9 @@ void rnn_backward_impl(const Grid& g, int64_t D, const T* grad_out, const typena
             const acc* gs = gates + (tok * nd + d) * SD;
             const raw* go = reinterpret_cast<const raw*>(grad_out + tok * out_ld + d * D);
             raw* dpg = reinterpret_cast<raw*>(dpre + tok * pre_ld + d * GD);
-            acc* dpl = dp + i * GD;
-            const acc* dhi = dh + i * D;
+            acc* dpl = BR ? nullptr : dp + i * GD;
+            uint16_t* dpbl = BR ? dpb + i * dp_ld : nullptr;
+            const acc* dhi = dh + i * dh_ld;
             acc* dci = dc + i * D;
             if constexpr (K == kLSTM) {
               const acc* cs = cells + (tok * nd + d) * D;
@@ -437,10 +551,10 @@ void rnn_backward_impl(const Grid& g, int64_t D, const T* grad_out, const typena
                 dpg[D + j] = Elem<T>::store(df);
                 dpg[2 * D + j] = Elem<T>::store(dg);
                 dpg[3 * D + j] = Elem<T>::store(dO);
-                dpl[j] = di;
-                dpl[D + j] = df;
-                dpl[2 * D + j] = dg;
-                dpl[3 * D + j] = dO;
+                put_dp<BR>(dpl, dpbl, j, di);
+                put_dp<BR>(dpl, dpbl, D + j, df);
+                put_dp<BR>(dpl, dpbl, 2 * D + j, dg);
+                put_dp<BR>(dpl, dpbl, 3 * D + j, dO);
               }
             } else if constexpr (K == kGRU) {
               raw* dph = reinterpret_cast<raw*>(dpre_h + tok * pre_ld + d * GD);
@@ -459,9 +573,9 @@ void rnn_backward_impl(const Grid& g, int64_t D, const T* grad_out, const typena
                 dph[j] = Elem<T>::store(dr);
                 dph[D + j] = Elem<T>::store(dz);
                 dph[2 * D + j] = Elem<T>::store(dnh);
-                dpl[j] = dr;
-                dpl[D + j] = dz;
-                dpl[2 * D + j] = dnh;
+                put_dp<BR>(dpl, dpbl, j, dr);
+                put_dp<BR>(dpl, dpbl, D + j, dz);
+                put_dp<BR>(dpl, dpbl, 2 * D + j, dnh);
               }
             } else {
 #pragma omp simd
@@ -469,13 +583,14 @@ void rnn_backward_impl(const Grid& g, int64_t D, const T* grad_out, const typena
                 const acc hv = gs[j];
                 const acc dv = (Elem<T>::load(go[j]) + dhi[j]) * (acc(1) - hv * hv);
                 dpg[j] = Elem<T>::store(dv);
-                dpl[j] = dv;
+                put_dp<BR>(dpl, dpbl, j, dv);
               }
             }
           }
         }
       }
     }
+    if constexpr (BR) bf16_w[0].release();
   });
 }
 
@@ -547,19 +662,32 @@ void dispatch_cell(Cell cell, F&& fn) {
   }
 }
 
+// Runs `fn(std::bool_constant<BR>)` with `br` as a compile-time constant; true only for bf16 (`scalar_t`).
+template <typename scalar_t, typename F>
+void dispatch_recurrence(bool br, F&& fn) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (br) return fn(std::true_type());
+  }
+  fn(std::false_type());
+}
+
 // Returns (out, gates, cells); gates / cells are empty unless `save` (training); cells only for the LSTM.
-// bias_hn: the GRU's b_hn (ndir*D), empty for the other cells.
+// bias_hn: the GRU's b_hn (ndir*D), empty for the other cells. bf16_recurrence: for bf16 x, the recurrent products
+// take bf16 operands (fp32 accumulation) instead of fp32 ones; ignored for other dtypes.
 std::vector<at::Tensor> rnn2d_forward(const at::Tensor& x_, const at::Tensor& w_ih_, const at::Tensor& bias_,
                                       const at::Tensor& bias_hn_, const at::Tensor& w_hh_, const std::string& cell_name,
-                                      int64_t n_v, int64_t n_h, bool save) {
+                                      int64_t n_v, int64_t n_h, bool save, bool bf16_recurrence) {
   const int64_t nd = n_v + n_h;
   const Cell cell = parse_cell(cell_name);
   check_inputs(x_, w_ih_, w_hh_, nd, cell);
   const auto x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const auto at_acc = acc_type(x.scalar_type());
   const auto bias = bias_.to(at_acc).contiguous(), bias_hn = bias_hn_.to(at_acc).contiguous();
-  // The recurrent GEMMs run in the acc type (fp32 for bf16: small, and keeps h and the gates exact).
-  const auto w_hh_acc = w_hh.to(at_acc).contiguous();
+  // The recurrent GEMMs run in the acc type (fp32 for bf16: small, and keeps h and the gates exact), or with
+  // bf16 operands prepared once for the whole sequence.
+  const bool br = bf16_recurrence && x.scalar_type() == at::kBFloat16;
+  const auto w_hh_acc = br ? at::empty({0}, x.options().dtype(at_acc)) : w_hh.to(at_acc).contiguous();
+  const std::vector<Bf16Operand> bf16_w = br ? bf16_operands(w_hh, /*transpose=*/true) : std::vector<Bf16Operand>();
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), D = w_hh.size(2);
   TORCH_CHECK(bias.numel() == w_ih.size(0), "bias: ndir*gates*D");
   TORCH_CHECK(bias_hn.numel() == (cell == kGRU ? nd * D : 0), "bias_hn: ndir*D for the GRU, empty otherwise");
@@ -582,15 +710,19 @@ std::vector<at::Tensor> rnn2d_forward(const at::Tensor& x_, const at::Tensor& w_
         constexpr int K = decltype(k)::value;
         const acc* bhn = K == kGRU ? bias_hn.data_ptr<acc>() : nullptr;
         scalar_t* o = out.data_ptr<scalar_t>() + tok0 * nd * D;  // the chunk's rows of every output
-        if (save) {
-          acc* gs = gates.data_ptr<acc>() + tok0 * nd * kSaved[K] * D;
-          acc* cs = K == kLSTM ? cells.data_ptr<acc>() + tok0 * nd * D : nullptr;
-          rnn_forward_impl<scalar_t, K, true>(g, D, xproj.data_ptr<scalar_t>(), bias.data_ptr<acc>(), bhn,
-                                              w_hh_acc.data_ptr<acc>(), o, gs, cs);
-        } else {
-          rnn_forward_impl<scalar_t, K, false>(g, D, xproj.data_ptr<scalar_t>(), bias.data_ptr<acc>(), bhn,
-                                               w_hh_acc.data_ptr<acc>(), o, nullptr, nullptr);
-        }
+        const acc* whh = br ? nullptr : w_hh_acc.data_ptr<acc>();
+        dispatch_recurrence<scalar_t>(br, [&](auto r) {
+          constexpr bool BR = decltype(r)::value;
+          if (save) {
+            acc* gs = gates.data_ptr<acc>() + tok0 * nd * kSaved[K] * D;
+            acc* cs = K == kLSTM ? cells.data_ptr<acc>() + tok0 * nd * D : nullptr;
+            rnn_forward_impl<scalar_t, K, true, BR>(g, D, xproj.data_ptr<scalar_t>(), bias.data_ptr<acc>(), bhn, whh,
+                                                    bf16_w, o, gs, cs);
+          } else {
+            rnn_forward_impl<scalar_t, K, false, BR>(g, D, xproj.data_ptr<scalar_t>(), bias.data_ptr<acc>(), bhn, whh,
+                                                     bf16_w, o, nullptr, nullptr);
+          }
+        });
       });
     });
   }
@@ -614,11 +746,12 @@ at::Tensor shifted_hidden(const at::Tensor& out, const Grid& g, int64_t D) {
   return prev;
 }
 
-// Returns (dx, dw_ih, dbias, dbias_hn, dw_hh); dbias_hn is empty except for the GRU.
+// Returns (dx, dw_ih, dbias, dbias_hn, dw_hh); dbias_hn is empty except for the GRU. bf16_recurrence: as for
+// the forward (the reverse-time products take bf16 operands).
 std::vector<at::Tensor> rnn2d_backward(const at::Tensor& grad_out_, const at::Tensor& x_, const at::Tensor& w_ih_,
                                        const at::Tensor& w_hh_, const at::Tensor& out_, const at::Tensor& gates_,
                                        const at::Tensor& cells_, const std::string& cell_name, int64_t n_v,
-                                       int64_t n_h) {
+                                       int64_t n_h, bool bf16_recurrence) {
   const int64_t nd = n_v + n_h;
   const Cell cell = parse_cell(cell_name);
   check_inputs(x_, w_ih_, w_hh_, nd, cell);
@@ -632,20 +765,25 @@ std::vector<at::Tensor> rnn2d_backward(const at::Tensor& grad_out_, const at::Te
   const Grid g(B, H, W, n_v, n_h);
   auto dpre = at::empty({N, nd * GD}, x.options());
   auto dpre_h = cell == kGRU ? at::empty({N, nd * GD}, x.options()) : dpre;
-  const auto w_hh_acc = w_hh.to(acc_type(x.scalar_type())).contiguous();
+  const bool br = bf16_recurrence && x.scalar_type() == at::kBFloat16;
+  const auto at_acc = acc_type(x.scalar_type());
+  const auto w_hh_acc = br ? at::empty({0}, x.options().dtype(at_acc)) : w_hh.to(at_acc).contiguous();
+  const std::vector<Bf16Operand> bf16_w = br ? bf16_operands(w_hh, /*transpose=*/false) : std::vector<Bf16Operand>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rnn2d_backward", [&] {
     using acc = typename Elem<scalar_t>::acc;
     dispatch_cell(cell, [&](auto k) {
       constexpr int K = decltype(k)::value;
-      rnn_backward_impl<scalar_t, K>(g, D, grad_out.data_ptr<scalar_t>(), w_hh_acc.data_ptr<acc>(),
-                                     gates.data_ptr<acc>(), K == kLSTM ? cells.data_ptr<acc>() : nullptr,
-                                     dpre.data_ptr<scalar_t>(), K == kGRU ? dpre_h.data_ptr<scalar_t>() : nullptr);
+      dispatch_recurrence<scalar_t>(br, [&](auto r) {
+        rnn_backward_impl<scalar_t, K, decltype(r)::value>(
+            g, D, grad_out.data_ptr<scalar_t>(), br ? nullptr : w_hh_acc.data_ptr<acc>(), bf16_w,
+            gates.data_ptr<acc>(), K == kLSTM ? cells.data_ptr<acc>() : nullptr, dpre.data_ptr<scalar_t>(),
+            K == kGRU ? dpre_h.data_ptr<scalar_t>() : nullptr);
+      });
     });
   });
   const auto x2 = x.view({N, C});
   auto dx = at::mm(dpre, w_ih).view({B, H, W, C});
   auto dw_ih = at::mm(dpre.t(), x2);
-  const auto at_acc = acc_type(x.scalar_type());
   auto dbias = dpre.sum(0, /*keepdim=*/false, at_acc);
   auto dbias_hn = at::empty({0}, x.options().dtype(at_acc));
   if (cell == kGRU) {  // the n blocks of dpre_h, summed over tokens
@@ -661,6 +799,10 @@ std::vector<at::Tensor> rnn2d_backward(const at::Tensor& grad_out_, const at::Te
 }
 
 bool has_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+// How bf16 recurrent products run on this CPU: "amx" (oneDNN's packed ukernel on the AMX tiles) or "gemm"
+// (ATen's bf16 GEMM: oneDNN's AVX-512 kernels, or ATen's portable loop).
+std::string bf16_recurrence_kernel() { return Bf16Operand::packs_for_amx() ? "amx" : "gemm"; }
 
 // Threads a parallel region of this build runs on. at::parallel_for expands an `omp parallel` pragma inside this
 // file, so a build without -fopenmp runs every region on the calling thread alone, silently (until this check
@@ -685,6 +827,7 @@ SEQVISION_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("rnn2d_forward", &rnn2d_forward);
   m.def("rnn2d_backward", &rnn2d_backward);
   m.def("has_blas", &has_blas);
+  m.def("bf16_recurrence_kernel", &bf16_recurrence_kernel);
   m.def("parallel_threads", &parallel_threads);
   m.def("images_per_chunk", &images_per_chunk);
 }
