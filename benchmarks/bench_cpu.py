@@ -3,12 +3,14 @@
     python benchmarks/bench_cpu.py --model sequencer2d_s --batch 1,8,32 --dtype fp32,bf16
     python benchmarks/bench_cpu.py --batch 8 --train
 
-Thin wrapper around ``seqvision.benchmark`` (the same code as ``seqvision bench``); see --help.
+The same as ``seqvision bench``; see --help.
 """
 
 from __future__ import annotations
 
-from seqvision.benchmark import main
+import sys
+
+from seqvision.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -59,7 +59,7 @@ def measure(
     import resource
     import time
 
-    from seqvision.benchmark import _make_step
+    from seqvision.bench import make_step
 
     if row == "timm":
         import timm
@@ -70,7 +70,7 @@ def measure(
 
         model, engine = create_model(model_name), row.split()[-1]
     # The step `seqvision bench` times: fp32 inference, or (--train) forward, cross-entropy, backward, AdamW.
-    step = _make_step(model, batch, img_size, "fp32", "fp32", train, engine)
+    step = make_step(model, batch, img_size, "fp32", "fp32", train, engine)
     built = _status_mib("VmRSS")
     _reset_peak()  # the peaks of building the model are not the steps'
     for _ in range(max(1, warmup)):

@@ -23,7 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seqvision import ops  # noqa: E402
-from seqvision.benchmark import seeded_model  # noqa: E402
+from seqvision.bench import seeded_model  # noqa: E402
 from seqvision.ops import fused  # noqa: E402
 
 

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("seqvision.commands.info", "summary of one model: parameters, GFLOPs, feature shapes, preprocessing"),
     "convert": ("seqvision.commands.convert", "convert a checkpoint between the authors', timm's, seqvision's formats"),
     "predict": ("seqvision.commands.predict", "classify image files, directories or glob patterns"),
-    "export": ("seqvision.export", "export to ONNX or torch.export with dynamic batch/height/width, checked"),
+    "export": ("seqvision.commands.export", "export to ONNX or torch.export with dynamic batch/height/width, checked"),
     "demo": ("seqvision.commands.demo", "train a small Sequencer2D on the built-in digits, then predict with it"),
     "train": ("seqvision.commands.train", "train or fine-tune with the paper's recipes, one process or torchrun"),
     "validate": ("seqvision.commands.validate", "top-1/top-5, loss, per-class accuracy, confusion matrix of a model"),
@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "adversarial": ("seqvision.commands.adversarial", "robust accuracy under FGSM and L-inf PGD attacks"),
     "erf": ("seqvision.commands.erf", "effective receptive field heat-maps per layer, seqvision or timm models"),
     "study": ("seqvision.commands.study", "Sequencer2D vs same-size timm peers trained alike: resolution, ERFs"),
-    "bench": ("seqvision.benchmark", "CPU/GPU speed and memory: seqvision engines vs timm and convnext_tiny"),
+    "bench": ("seqvision.commands.bench", "CPU/GPU speed and memory: seqvision engines vs timm and convnext_tiny"),
 }
 
 

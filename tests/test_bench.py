@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqvision import benchmark_gpu, ops
+from seqvision import ops
+from seqvision.bench import gpu as benchmark_gpu
 from seqvision.cli import main
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -65,7 +66,7 @@ def test_cpu_bench_table_with_int8_rows(capsys):
 
 
 def test_speed_ratios_pair_the_rounds():
-    from seqvision.benchmark import Row, baseline_for, speed_ratios
+    from seqvision.bench import Row, baseline_for, speed_ratios
 
     def row(name, mode, times, batch=8):
         return Row(name, mode, batch, lambda: None, 1.0, list(times))
@@ -141,9 +142,10 @@ def test_peers_export_the_seqvision_rows_weights(tmp_path, monkeypatch):
     # rows compare runtimes, not models. The model's head is zero-initialised, so it gets seeded random weights here:
     # with zero logits any two models would agree.
     ort = pytest.importorskip("onnxruntime", reason="optional: pip install 'seqvision[deploy]'")
-    from seqvision import benchmark
+    from seqvision.bench import peers
+    from seqvision.bench.settings import BenchSettings
 
-    original = benchmark.seeded_model
+    original = peers.seeded_model
 
     def seeded_with_head(name):
         model = original(name)
@@ -152,9 +154,8 @@ def test_peers_export_the_seqvision_rows_weights(tmp_path, monkeypatch):
             model.head.fc.weight.copy_(torch.randn(model.head.fc.weight.shape, generator=g))
         return model
 
-    monkeypatch.setattr(benchmark, "seeded_model", seeded_with_head)
-    args = benchmark.build_parser().parse_args(["--img-size", "32", "--model", "sequencer2d_s"])
-    specs, _ = benchmark.prepare_peers(args, ["fp32"], tmp_path)
+    monkeypatch.setattr(peers, "seeded_model", seeded_with_head)
+    specs, _ = peers.prepare_peers(BenchSettings(img_size=32, model="sequencer2d_s"), ["fp32"], tmp_path)
     assert any(s.name.startswith("ONNX Runtime") for s in specs)
     x = torch.randn(2, 3, 32, 32)
     session = ort.InferenceSession(str(tmp_path / "sequencer2d_s.onnx"), providers=["CPUExecutionProvider"])
@@ -180,7 +181,8 @@ def test_peers_skipped_with_one_line_each(monkeypatch, capsys):
 
 
 def test_comparisons_pair_the_rounds():
-    from seqvision.benchmark import BF16_RECURRENCE_ROW, PEER_BF16, Row, comparisons
+    from seqvision.bench import Row, comparisons
+    from seqvision.bench.settings import BF16_RECURRENCE_ROW, PEER_BF16
 
     def row(name, mode, times):
         return Row(name, mode, 8, lambda: None, 1.0, list(times))
@@ -224,7 +226,7 @@ def test_sigterm_prints_the_finished_groups(monkeypatch, capsys):
     import os
     import signal
 
-    from seqvision import benchmark
+    from seqvision.bench import cpu
 
     def measure(args, dtype, batch, *rest):
         if batch == 2:
@@ -234,9 +236,9 @@ def test_sigterm_prints_the_finished_groups(monkeypatch, capsys):
             except Exception:
                 pass
             raise AssertionError("SIGTERM did not stop the run")
-        return [benchmark.Row("timm sequencer2d_s", "fp32", batch, lambda: None, 1.0, [0.5, 0.25])]
+        return [cpu.Row("timm sequencer2d_s", "fp32", batch, lambda: None, 1.0, [0.5, 0.25])]
 
-    monkeypatch.setattr(benchmark, "_measure_group", measure)
+    monkeypatch.setattr(cpu, "_measure_group", measure)
     argv = ["bench", "--img-size", "32", "--batch", "1,2,4", "--dtype", "fp32", "--no-compile", "--no-convnext",
             "--no-peers"]
     assert main(argv) == 124
@@ -386,11 +388,11 @@ def test_fresh_process_benchmark_of_inference(monkeypatch):
     assert set(rows) == {"seqvision fused", "seqvision reference", "timm"}
     # What a row process runs: the flag reaches the step it times.
     bench_memory = _script_module("bench_memory")
-    import seqvision.benchmark
+    import seqvision.bench
 
     made = []
-    real = seqvision.benchmark._make_step
-    monkeypatch.setattr(seqvision.benchmark, "_make_step", lambda *a: made.append(a[5]) or real(*a))
+    real = seqvision.bench.make_step
+    monkeypatch.setattr(seqvision.bench, "make_step", lambda *a: made.append(a[5]) or real(*a))
     for train in (False, True):
         result = bench_memory.measure("seqvision fused", "sequencer2d_s", 1, 32, 1, 1, train=train)
         assert len(result["times"]) == 1 and result["peak"] > 0 and result["growth"] >= 0
@@ -443,13 +445,13 @@ def _script_calls(script: str, command: str) -> list[list[str]]:
 def test_cpu_check_script_command_lines_parse():
     # benchmarks/cpu_check.sh is for a lent machine whose CPU has bf16 hardware (device time, rarely): its
     # calls are parsed here with the real parsers; every bench call runs on two threads, as the issue measures.
-    import seqvision.benchmark
+    from seqvision.commands.bench import build_parser
 
     script = (BENCHMARKS / "cpu_check.sh").read_text()
     bench_calls = [args[2:] for args in _script_calls(script, "\nbench ") + _script_calls(script, "    bench ")]
     # inference at batch 8, 32, training, inference at batch 1, compiled rows
     assert len(bench_calls) == 5, bench_calls
-    parsed = [seqvision.benchmark.build_parser().parse_args(args) for args in bench_calls]
+    parsed = [build_parser().parse_args(args) for args in bench_calls]
     for p in parsed:
         assert p.dtype.split(",")[0] == "bf16" and "fp32" in p.dtype and p.model == "sequencer2d_s"
     # The targets' figures: bf16 inference at batch 8 and 32 against timm, convnext_tiny and the peers (the
@@ -476,4 +478,4 @@ def test_gpu_check_script_command_lines_parse():
     calls = _script_calls((BENCHMARKS / "gpu_check.sh").read_text(), "benchmarks/bench_gpu.py")
     assert len(calls) >= 4, calls
     for args in calls:
-        benchmark_gpu.build_parser().parse_args(args)
+        _script_module("bench_gpu").build_parser().parse_args(args)

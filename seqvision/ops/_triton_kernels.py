@@ -269,14 +269,42 @@ def lstm2d_fwd_kernel(
 
         # Padded units stay 0: their W rows and columns are masked to 0.
         h32, c_a = _cell_fwd(
-            zi_a, zf_a, zg_a, zo_a, c_a, y_ptr, gates_ptr, c_ptr, pos, g_stride, o_stride, gcol_a, ocol_a, D,
-            mask_a, SAVE,
+            zi_a,
+            zf_a,
+            zg_a,
+            zo_a,
+            c_a,
+            y_ptr,
+            gates_ptr,
+            c_ptr,
+            pos,
+            g_stride,
+            o_stride,
+            gcol_a,
+            ocol_a,
+            D,
+            mask_a,
+            SAVE,
         )
         h_a = h32.to(cdt)
         if BLOCK_B > 0:
             h32, c_b = _cell_fwd(
-                zi_b, zf_b, zg_b, zo_b, c_b, y_ptr, gates_ptr, c_ptr, pos, g_stride, o_stride, gcol_b, ocol_b, D,
-                mask_b, SAVE,
+                zi_b,
+                zf_b,
+                zg_b,
+                zo_b,
+                c_b,
+                y_ptr,
+                gates_ptr,
+                c_ptr,
+                pos,
+                g_stride,
+                o_stride,
+                gcol_b,
+                ocol_b,
+                D,
+                mask_b,
+                SAVE,
             )
             h_b = h32.to(cdt)
         if PREFETCH:
@@ -348,12 +376,36 @@ def lstm2d_bwd_kernel(
         if PREFETCH:
             more = s > 0
             ni_a, nf_a, ng_a, no_a, ndy_a, ncp_a = _load_bwd_step(
-                gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, gcol_a, ocol_a, D, s - 1,
+                gates_ptr,
+                c_ptr,
+                dy_ptr,
+                base,
+                rev,
+                T,
+                stride_t,
+                g_stride,
+                o_stride,
+                gcol_a,
+                ocol_a,
+                D,
+                s - 1,
                 mask_a & more,
             )
             if BLOCK_B > 0:
                 ni_b, nf_b, ng_b, no_b, ndy_b, ncp_b = _load_bwd_step(
-                    gates_ptr, c_ptr, dy_ptr, base, rev, T, stride_t, g_stride, o_stride, gcol_b, ocol_b, D, s - 1,
+                    gates_ptr,
+                    c_ptr,
+                    dy_ptr,
+                    base,
+                    rev,
+                    T,
+                    stride_t,
+                    g_stride,
+                    o_stride,
+                    gcol_b,
+                    ocol_b,
+                    D,
+                    s - 1,
                     mask_b & more,
                 )
         else:
@@ -379,14 +431,32 @@ def lstm2d_bwd_kernel(
         # not accumulated here (4 fp32 D x D tiles would not fit in registers at D = 96): torch does it
         # afterwards as one GEMM over all positions, from dgx and the saved output.
         dh_a = _add_dzw(
-            dzi_a, dzf_a, dzg_a, dzo_a, wi_aa, wf_aa, wg_aa, wo_aa, tl.zeros((BLOCK_N, BLOCK_A), dtype=tl.float32),
-            PRECISION, UPCAST_DOT,
+            dzi_a,
+            dzf_a,
+            dzg_a,
+            dzo_a,
+            wi_aa,
+            wf_aa,
+            wg_aa,
+            wo_aa,
+            tl.zeros((BLOCK_N, BLOCK_A), dtype=tl.float32),
+            PRECISION,
+            UPCAST_DOT,
         )
         if BLOCK_B > 0:
             dh_a = _add_dzw(dzi_b, dzf_b, dzg_b, dzo_b, wi_ab, wf_ab, wg_ab, wo_ab, dh_a, PRECISION, UPCAST_DOT)
             dh_b = _add_dzw(
-                dzi_a, dzf_a, dzg_a, dzo_a, wi_ba, wf_ba, wg_ba, wo_ba,
-                tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32), PRECISION, UPCAST_DOT,
+                dzi_a,
+                dzf_a,
+                dzg_a,
+                dzo_a,
+                wi_ba,
+                wf_ba,
+                wg_ba,
+                wo_ba,
+                tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32),
+                PRECISION,
+                UPCAST_DOT,
             )
             dh_b = _add_dzw(dzi_b, dzf_b, dzg_b, dzo_b, wi_bb, wf_bb, wg_bb, wo_bb, dh_b, PRECISION, UPCAST_DOT)
         if PREFETCH:

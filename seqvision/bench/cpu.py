@@ -27,7 +27,6 @@ seqvision's fastest row with OpenVINO's, round by round.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import os
@@ -40,65 +39,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+import timm
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from .commands.common import positive_int, positive_int_list
-from .errors import UserError
-from .inference import quantize_dynamic
-
-DTYPES = ("fp32", "bf16", "int8")
-MODES = {"fp32": ["fp32"], "bf16": ["autocast", "bf16 weights"], "int8": ["int8 dynamic"]}
-PEER_BF16 = "bf16 inference precision"  # the peers' bf16 mode: the runtime runs its own bf16 kernels
-BF16_RECURRENCE_ROW = "seqvision fused, bf16 recurrence"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="seqvision bench",
-        description=(
-            "CPU benchmark of seqvision's Sequencer2D (fused and reference engines) against timm's Sequencer2D\n"
-            "and ConvNeXt-T: img/s, ms/img, peak memory, GFLOP/s and fraction of GEMM peak, and each row's speed\n"
-            "relative to timm's eager row (same dtype and batch): from the fastest rounds, and as the median (with\n"
-            "quartiles) of the ratio within each interleaved round, which load changes between rounds do not move.\n\n"
-            "int8 rows: torch's dynamic quantisation (LSTM and Linear weights int8, inference only).\n"
-            "bf16 tables add the fused engine with its recurrent products in bf16 (\"bf16 recurrence\"; the fused\n"
-            "rows otherwise keep them fp32). Inference tables add peer rows where installed (pip install\n"
-            "'seqvision[deploy]'): OpenVINO (latency / throughput hint, bf16 where the CPU has bf16 hardware) and\n"
-            "ONNX Runtime (fp32) on seqvision's ONNX export of the same weights; lines under the table give the\n"
-            "bf16-recurrence A/B and seqvision's fastest row against OpenVINO's, paired round by round.\n"
-            "A run stopped by SIGTERM (e.g. by `timeout`) prints the groups it finished and exits with 124.\n"
-            "--device cuda runs the GPU benchmark instead (seqvision.benchmark_gpu: Triton engine, AMP, batch 256;\n"
-            "eager rows, then torch.compile rows unless --no-compile).\n"
-            "All rows share one process (and its memory allocator); for a training step as a run of its own sees\n"
-            "it, each implementation in a fresh process with its page faults: benchmarks/bench_memory.py.\n\n"
-            "examples:\n"
-            "  seqvision bench --model sequencer2d_s --batch 1,8 --dtype fp32,bf16 --iters 10\n"
-            "  seqvision bench --batch 8 --dtype fp32 --train --no-compile\n"
-            "  seqvision bench --device cuda --batch 256"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", default="sequencer2d_s", help="Sequencer variant (default: sequencer2d_s)")
-    parser.add_argument(
-        "--batch", type=positive_int_list, help="comma-separated batch sizes (default: 1,8,32 on CPU, 256 on CUDA)"
-    )
-    parser.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16, int8 (default: fp32,bf16)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (the GPU benchmark)")
-    parser.add_argument("--train", action="store_true", help="time a training step (fwd + bwd + AdamW)")
-    parser.add_argument("--img-size", type=positive_int, default=224, help="input resolution (default: 224)")
-    parser.add_argument("--iters", type=positive_int, default=10, help="timed rounds per row (default: 10)")
-    parser.add_argument("--warmup", type=positive_int, default=2, help="untimed steps per row (default: 2)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    parser.add_argument("--no-convnext", action="store_true", help="skip the convnext_tiny row")
-    parser.add_argument("--no-reference", action="store_true", help="skip seqvision's reference-engine rows")
-    parser.add_argument("--no-peers", action="store_true", help="skip the OpenVINO and ONNX Runtime rows")
-    return parser
+from .. import ops
+from ..errors import UserError
+from ..inference import quantize_dynamic
+from ..models.complexity import count_complexity
+from ..ops import fused
+from .peers import prepare_peers
+from .settings import BF16_RECURRENCE_ROW, DTYPES, MODES, PEER_BF16, BenchSettings, seeded_model
 
 
-# -- measurement helpers -----------------------------------------------------------------------------------------
 def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     """GFLOP/s of one large square matmul (best of ``reps``): the ceiling the table's fractions refer to."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -175,7 +129,7 @@ def speed_ratios(row: Row, base: Row) -> tuple[float, float, float, float]:
     return fastest, q1, median, q3
 
 
-def _make_step(
+def make_step(
     model: nn.Module,
     batch: int,
     img: int,
@@ -187,9 +141,6 @@ def _make_step(
 ):
     """A closure running one inference or training step of ``model`` with fixed synthetic data (with the fused
     engine's bf16-recurrence setting ``bf16_recurrence`` where not None)."""
-    from . import ops
-    from .ops import fused
-
     autocast = dtype == "bf16" and mode == "autocast"
     in_dtype = torch.bfloat16 if dtype == "bf16" and mode == "bf16 weights" else torch.float32
     x = torch.randn(batch, 3, img, img, dtype=in_dtype)
@@ -226,20 +177,8 @@ def _make_step(
     return step
 
 
-def seeded_model(name: str) -> nn.Module:
-    """seqvision's ``name`` with the weights of seed 0 (the global RNG is left as it was): every seqvision row and
-    the peers' exported model hold the same weights."""
-    from .models import create_model
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return create_model(name)
-
-
-def _row_specs(args) -> list[tuple[str, Callable[[], nn.Module], str | None, bool]]:
+def _row_specs(args: BenchSettings) -> list[tuple[str, Callable[[], nn.Module], str | None, bool]]:
     """(row name, model factory, engine, compile?) for every row."""
-    import timm
-
     seq = lambda: seeded_model(args.model)
     tim = lambda: timm.create_model(args.model)
     rows = [("seqvision fused", seq, "fused", False), (BF16_RECURRENCE_ROW, seq, "fused", False)]
@@ -262,10 +201,6 @@ def _row_specs(args) -> list[tuple[str, Callable[[], nn.Module], str | None, boo
 
 def _flops_per_image(factory: Callable[[], nn.Module], img: int) -> float:
     """2 x multiply-adds with the RNN products (counted on a meta-device copy: no memory, no weights)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .models.complexity import count_complexity
-
     with torch.device("meta"):
         model = factory()
     if any(isinstance(m, nn.RNNBase) for m in model.modules()):
@@ -276,123 +211,9 @@ def _flops_per_image(factory: Callable[[], nn.Module], img: int) -> float:
     return float(counter.get_total_flops())
 
 
-# -- peer rows: the deployment runtimes on seqvision's ONNX export ------------------------------------------------
-@dataclass
-class PeerSpec:
-    """One peer row per (dtype, batch): ``make_step(batch, img_size)`` returns its step; ``dtype``: fp32 or bf16."""
-
-    name: str
-    dtype: str
-    make_step: Callable[[int, int], Callable[[], None]]
-
-    @property
-    def mode(self) -> str:
-        return "fp32" if self.dtype == "fp32" else PEER_BF16
-
-
-def _openvino_specs(ov, onnx_path: Path, dtypes: list[str], threads: int) -> tuple[list[PeerSpec], list[str]]:
-    """OpenVINO rows (latency and throughput hints, per dtype), each compiled on first use; notes for the rest."""
-    core = ov.Core()
-    version = ov.__version__.split("-")[0]
-    compiled: dict[tuple[str, str], object] = {}
-    notes = []
-
-    def compile_for(precision: str, hint: str):
-        if (precision, hint) not in compiled:
-            config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads}
-            compiled[(precision, hint)] = core.compile_model(str(onnx_path), "CPU", config)
-        return compiled[(precision, hint)]
-
-    def step_factory(precision: str, hint: str) -> Callable[[int, int], Callable[[], None]]:
-        def make_step(batch: int, img: int) -> Callable[[], None]:
-            model = compile_for(precision, hint)
-            x = torch.randn(batch, 3, img, img).numpy()
-            requests = min(batch, int(model.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-            if hint == "LATENCY" or requests == 1:
-                request = model.create_infer_request()
-                return lambda: request.infer({0: x})
-            # Throughput mode as OpenVINO means it: the batch split over its parallel streams, one request each.
-            chunks = [c.copy() for c in np.array_split(x, requests)]
-            queue = ov.AsyncInferQueue(model, requests)
-
-            def step():
-                for c in chunks:
-                    queue.start_async({0: c})
-                queue.wait_all()
-
-            return step
-
-        return make_step
-
-    specs = []
-    has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    for dtype in dtypes:
-        if dtype == "bf16" and not has_bf16:
-            notes.append("no OpenVINO bf16 rows: OpenVINO has no bf16 kernels for this CPU (it runs them in fp32)")
-            continue
-        precision = "f32" if dtype == "fp32" else "bf16"
-        for hint in ("LATENCY", "THROUGHPUT"):
-            specs.append(PeerSpec(f"OpenVINO {version}, {hint.lower()} hint", dtype, step_factory(precision, hint)))
-    return specs, notes
-
-
-def _onnxruntime_specs(ort, onnx_path: Path, dtypes: list[str], threads: int) -> tuple[list[PeerSpec], list[str]]:
-    """The ONNX Runtime row (CPU execution provider, fp32)."""
-    notes = ["no ONNX Runtime bf16 row: its CPU execution provider runs this model in fp32"] if "bf16" in dtypes else []
-    if "fp32" not in dtypes:
-        return [], notes
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session: list = []
-
-    def make_step(batch: int, img: int) -> Callable[[], None]:
-        if not session:
-            session.append(ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"]))
-        x = torch.randn(batch, 3, img, img).numpy()
-        return lambda: session[0].run(None, {"images": x})
-
-    return [PeerSpec(f"ONNX Runtime {ort.__version__}", "fp32", make_step)], notes
-
-
-def prepare_peers(args, dtypes: list[str], workdir: Path) -> tuple[list[PeerSpec], list[str]]:
-    """The peer rows this run can have (OpenVINO, ONNX Runtime: the installed ones), after exporting the seqvision
-    rows' weights with ``seqvision.export.export_onnx`` into ``workdir``; and one note per row left out."""
-    wanted = [d for d in dtypes if d in ("fp32", "bf16")]
-    if args.no_peers or not wanted:
-        return [], []
-    if args.train:
-        return [], ["no OpenVINO / ONNX Runtime rows: they are inference runtimes (drop --train to see them)"]
-    runtimes, notes = {}, []
-    for module, label in (("openvino", "OpenVINO"), ("onnxruntime", "ONNX Runtime")):
-        try:
-            runtimes[module] = __import__(module)
-        except ImportError:
-            notes.append(f"no {label} rows: pip install 'seqvision[deploy]' to compare with {label}")
-    if not runtimes:
-        return [], notes
-    from .export import export_onnx
-
-    onnx_path = workdir / f"{args.model}.onnx"
-    try:
-        export_onnx(seeded_model(args.model).eval(), onnx_path, args.img_size)
-    except Exception as e:  # a variant the exporter cannot take: the other rows still run
-        return [], [*notes, f"no peer rows: the ONNX export failed ({type(e).__name__}: {str(e)[:150]})"]
-    specs = []
-    threads = torch.get_num_threads()
-    if "openvino" in runtimes:
-        more, more_notes = _openvino_specs(runtimes["openvino"], onnx_path, wanted, threads)
-        specs, notes = specs + more, notes + more_notes
-    if "onnxruntime" in runtimes:
-        more, more_notes = _onnxruntime_specs(runtimes["onnxruntime"], onnx_path, wanted, threads)
-        specs, notes = specs + more, notes + more_notes
-    return specs, notes
-
-
 def comparisons(rows: list[Row]) -> list[str]:
     """Lines pairing rows of one (dtype, batch) round by round: the bf16 recurrence against the fp32 one (fused
     engine, same mode), and seqvision's fastest row against OpenVINO's fastest."""
-    from .ops import fused
-
     kernel = fused.bf16_recurrence_kernel() if fused.available() else "reference engine"
     lines = []
     groups: dict[tuple[str, int], list[Row]] = {}
@@ -448,17 +269,11 @@ def _fmt_table(rows: list[Row], peaks: dict[str, float], train: bool) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    from . import ops
-    from .ops import fused
-
-    if args.device.startswith("cuda"):
-        return _run_gpu(args)
-    if args.device != "cpu":
-        raise UserError(f"--device must be cpu or cuda, got {args.device!r}")
+def run_cpu(args: BenchSettings) -> int:
+    """Measure every row on the CPU and print the table and the paired comparisons; 124 when SIGTERM cut it short."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    batches = args.batch or [1, 8, 32]
+    batches = list(args.batch or (1, 8, 32))
     dtypes = [d.strip() for d in str(args.dtype).split(",") if d.strip()]
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
@@ -474,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_cpu(args, batches, dtypes, Path(workdir))
 
 
-def _run_cpu(args: argparse.Namespace, batches: list[int], dtypes: list[str], workdir: Path) -> int:
+def _run_cpu(args: BenchSettings, batches: list[int], dtypes: list[str], workdir: Path) -> int:
     peaks: dict[str, float] = {}
     all_rows: list[Row] = []
     groups = [(dtype, batch) for dtype in dtypes for batch in batches]
@@ -536,7 +351,9 @@ def _stop_on_sigterm() -> Iterator[list[bool]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _measure_group(args, dtype: str, batch: int, specs, flops: dict[str, float], peer_specs) -> list[Row]:
+def _measure_group(
+    args: BenchSettings, dtype: str, batch: int, specs, flops: dict[str, float], peer_specs
+) -> list[Row]:
     """Every row of one (dtype, batch): built, warmed up (its memory measured), then timed in interleaved rounds."""
     rows: list[Row] = []
     for mode in MODES[dtype]:
@@ -554,7 +371,7 @@ def _measure_group(args, dtype: str, batch: int, specs, flops: dict[str, float],
                 model = _Compiled(model, name.startswith("timm"))
             # The fused rows fix the setting both ways, so SEQVISION_BF16_RECURRENCE cannot blur the A/B.
             recurrence = {"seqvision fused": False, BF16_RECURRENCE_ROW: True}.get(name)
-            step = _make_step(model, batch, args.img_size, dtype, mode, args.train, engine, recurrence)
+            step = make_step(model, batch, args.img_size, dtype, mode, args.train, engine, recurrence)
             rows.append(Row(name, mode, batch, step, flops[name]))
     for peer in (p for p in peer_specs if p.dtype == dtype):
         try:
@@ -583,23 +400,6 @@ def _measure_group(args, dtype: str, batch: int, specs, flops: dict[str, float],
     return rows
 
 
-def _run_gpu(args: argparse.Namespace) -> int:
-    """``seqvision bench --device cuda``: seqvision (Triton engine) vs timm's same variant and convnext_tiny."""
-    from . import benchmark_gpu
-
-    if "int8" in args.dtype:
-        raise UserError("int8 (dynamic quantisation) runs on the CPU only; drop it from --dtype for --device cuda")
-    if not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
-    models = [f"seqvision:{args.model}", f"timm:{args.model}"] + ([] if args.no_convnext else ["timm:convnext_tiny"])
-    argv = ["--device", args.device, "--models", *models, "--batch", str(args.batch[0] if args.batch else 256)]
-    argv += ["--img-size", str(args.img_size), "--iters", str(args.iters), "--warmup", str(args.warmup)]
-    argv += ["--modes", "train"] if args.train else ["--modes", "infer"]
-    argv += ["--amp", "none" if args.dtype.strip() == "fp32" else "bf16"]
-    argv += [] if args.no_compile else ["--also-compiled"]
-    return benchmark_gpu.main(argv)
-
-
 class _Compiled(nn.Module):
     """``torch.compile(model)`` that keeps the module's parameters and train() / eval() reachable."""
 
@@ -620,11 +420,3 @@ class _Compiled(nn.Module):
         )
         with ctx:
             return self.compiled(x)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,35 +2,29 @@
 
 One run, same process, same settings for every model: AMP (bf16 by default), batch 256, 224 px, inference
 (eval, inference_mode) and training (forward + backward + SGD step); images per second and peak memory.
-
-    seqvision bench --device cuda                       # sequencer2d_s (seqvision and timm) and convnext_tiny
-    python benchmarks/bench_gpu.py                      # every model, both modes
-    python benchmarks/bench_gpu.py --modes infer --models seqvision:sequencer2d_s timm:sequencer2d_s
-    python benchmarks/bench_gpu.py --json results.json
-    python benchmarks/bench_gpu.py --engine triton,reference      # seqvision rows with Triton and with cuDNN
-    python benchmarks/bench_gpu.py --also-compiled --modes infer  # eager rows, then under torch.compile
-
-Targets (issue 8): seqvision sequencer2d_s inference >= 2x timm's, training >= 1.5x.
-Without a CUDA device the script prints a message and exits with status 0 (``--device cpu`` is a smoke test of
-the code path only, at whatever small size you give it). ``benchmark()`` / ``format_table()`` are the reusable
-part (for ``seqvision bench --device cuda``).
+``benchmark()`` measures, ``format_table()`` prints; ``run_gpu`` is ``seqvision bench --device cuda`` and
+``benchmarks/bench_gpu.py`` the script with every option (``--device cpu`` there is a smoke test of the code
+path only, at whatever small size you give it).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import gc
-import json
-import sys
 import time
 from collections.abc import Iterator, Sequence
 
+import timm
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as profiler
 
-from .commands.common import non_negative_int, positive_int
+from .. import ops
+from ..errors import UserError
+from ..models import create_model
+from ..ops import triton_lstm
+from .settings import BenchSettings
 
 DEFAULT_MODELS = (
     "seqvision:sequencer2d_s",
@@ -51,13 +45,11 @@ def seqvision_engine(engine: str, stats: dict[str, int]) -> Iterator[None]:
     "triton": the Triton recurrence wherever it covers the configuration, else the dispatcher (cuDNN) — this
     works whether or not the dispatcher already selects Triton itself. "auto" / "reference": the dispatcher's.
     """
-    from seqvision import ops
 
     if engine != "triton":
         with ops.use_engine(engine):
             yield
         return
-    from seqvision.ops import triton_lstm
 
     original = ops.rnn2d
 
@@ -78,12 +70,8 @@ def build(spec: str) -> nn.Module:
     """``seqvision:<variant>`` or ``timm:<model>``, random weights."""
     lib, _, name = spec.partition(":")
     if lib == "seqvision":
-        from seqvision.models import create_model
-
         return create_model(name)
     if lib == "timm":
-        import timm
-
         return timm.create_model(name, pretrained=False)
     raise ValueError(f"model spec {spec!r}: expected seqvision:<name> or timm:<name>")
 
@@ -145,9 +133,6 @@ def measure(
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     out = {"img_s": batch * iters / seconds, "ms_per_iter": 1e3 * seconds / iters, "peak_gib": peak}
     if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as profiler
-
         on_gpu = device.type == "cuda"
         with profiler(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
             for _ in range(2):
@@ -215,8 +200,6 @@ def benchmark(
                 if is_ours:
                     row |= {"triton_calls": stats["triton"], "fallback_calls": stats["fallback"]}
                     if stats["triton"]:  # which kernel variant each hidden size ran with (GPUs differ)
-                        from seqvision.ops import triton_lstm
-
                         row["triton_settings"] = triton_lstm.chosen_settings(dev)
                 results.append(row)
                 log(format_row(row))
@@ -255,55 +238,28 @@ def format_table(results: Sequence[dict], baseline: str = "timm:sequencer2d_s") 
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="bench_gpu",
-        description=__doc__.split("\n")[0],
-        epilog="example: python benchmarks/bench_gpu.py --modes infer --batch 256 --amp bf16",
+def run_gpu(s: BenchSettings) -> int:
+    """``seqvision bench --device cuda``: seqvision (Triton engine) vs timm's same variant and convnext_tiny, eager
+    and (unless ``no_compile``) under torch.compile; prints the table."""
+    if "int8" in s.dtype:
+        raise UserError("int8 (dynamic quantisation) runs on the CPU only; drop it from --dtype for --device cuda")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {s.device}: no CUDA device is available here; use --device cpu")
+    print(f"device: {torch.cuda.get_device_name(s.device)}, torch {torch.__version__}")
+    models = [f"seqvision:{s.model}", f"timm:{s.model}"] + ([] if s.no_convnext else ["timm:convnext_tiny"])
+    run = dict(
+        models=models,
+        modes=["train"] if s.train else ["infer"],
+        batch=s.batch[0] if s.batch else 256,
+        img_size=s.img_size,
+        device=s.device,
+        amp="none" if s.dtype.strip() == "fp32" else "bf16",
+        warmup=s.warmup,
+        iters=s.iters,
     )
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="seqvision:<name> / timm:<name>")
-    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
-    p.add_argument("--batch", type=positive_int, default=256)
-    p.add_argument("--img-size", type=positive_int, default=224)
-    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke test of the code path)")
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
-    p.add_argument(
-        "--engine",
-        default="triton",
-        help=f"BiLSTM2D engine(s) for the seqvision models, comma-separated: {', '.join(ENGINES)}",
-    )
-    p.add_argument("--warmup", type=non_negative_int, default=5)
-    p.add_argument("--iters", type=positive_int, default=20)
-    p.add_argument("--compile", action="store_true", help="run every model under torch.compile (static shapes)")
-    p.add_argument("--also-compiled", action="store_true", help="eager rows, then the same under torch.compile")
-    p.add_argument(
-        "--profile", type=non_negative_int, default=0, metavar="N", help="print each row's N most expensive kernels"
-    )
-    p.add_argument("--json", help="also write the results to this file")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device available; nothing to benchmark (use --device cpu for a smoke test).")
-        return 0
-    if args.device.startswith("cuda"):
-        print(f"device: {torch.cuda.get_device_name(args.device)}, torch {torch.__version__}")
-    run = functools.partial(
-        benchmark, args.models, args.modes, args.batch, args.img_size, args.device, args.amp, args.engine,
-        args.warmup, args.iters,
-    )  # fmt: skip
-    results = run(compile=args.compile, profile=args.profile)
-    if args.also_compiled and not args.compile:
-        results += run(compile=True)
+    results = benchmark(**run)
+    if not s.no_compile:
+        results += benchmark(**run, compile=True)
     print()
     print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
