@@ -456,7 +456,8 @@ class Sequencer(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop the stages (and norm / head) that the requested intermediates do not need."""
+        """Drop the stages (and norm / head) that the requested intermediates do not need; returns their indices.
+        As in timm, the pruned head neither pools nor classifies: ``forward`` then returns the last kept map."""
         take = _take_indices(len(self.stages), indices)
         keep = max(take) + 1
         pruned_end = keep < len(self.stages)
@@ -466,7 +467,6 @@ class Sequencer(nn.Module):
         if pruned_end:
             self.num_features = self.head_hidden_size = self.feature_info[keep - 1]["num_chs"]
         if prune_head or pruned_end:
-            # As timm: no classifier and no pooling, so forward returns the last kept stage's B x H x W x C map.
             self.head = ClassifierHead(self.num_features, 0, pool_type="")
             self.num_classes, self.global_pool = 0, ""
         return take
