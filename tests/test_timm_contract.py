@@ -372,23 +372,6 @@ def test_features_only_keeps_the_preprocessing(name):
     assert resolve_data_config(model=net)["input_size"] == ((3, 392, 392) if name.endswith("392") else (3, 224, 224))
 
 
-@pytest.mark.parametrize("case", VARIANTS)
-def test_feature_cls_fx_matches_forward_intermediates(case):
-    model = randomise(case.create(pretrained=False))
-    net = case.create(pretrained=False, features_only=True, feature_cls="fx")
-    assert type(net).__name__ == "FeatureGraphNet" and net.feature_info.channels() == [
-        i["num_chs"] for i in model.feature_info
-    ]
-    fx_net = feature_extractor(model, (0, 1, 2, 3), feature_cls="fx")  # the same extractor on randomised weights
-    x = torch.randn(2, 3, TARGET_FFEAT_SIZE, TARGET_FFEAT_SIZE + 14)
-    with torch.inference_mode():
-        got = fx_net(x)
-        expected = model.forward_intermediates(x, output_fmt="NHWC", intermediates_only=True)
-    assert fx_net.output_fmt == "NHWC" and len(got) == 4
-    for g, e in zip(got, expected, strict=True):
-        assert torch.equal(g, e)
-
-
 def test_feature_cls_names_the_choices():
     with pytest.raises(ValueError, match="feature_cls must be one of getter, fx"):
         seqvision.create_model("sequencer2d_s", features_only=True, feature_cls="hook")
@@ -455,8 +438,16 @@ def test_model_backward_fx(case):
     assert not torch.isnan(outputs).any(), "Output included NaNs"
 
 
+# TorchScript of an FX graph: each part is checked on every variant (test_model_forward_torchscript, the FX tests);
+# what the combination adds is the graph's code around the kept modules, which these cover: 2D LSTM / GRU mixers,
+# 1D mixers with a position embedding, and timm's own model.
+FX_TORCHSCRIPT = [
+    p for p in WITH_CONTROL if p.values[0].name in ("sequencer2d_s", "gru_sequencer2d_s", "v_sequencer_s_pe")
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", WITH_CONTROL)
+@pytest.mark.parametrize("case", FX_TORCHSCRIPT)
 def test_model_forward_fx_torchscript(case):
     batch_size = 1
     size = input_size(case.cfg(), TARGET_JIT_SIZE)
@@ -475,7 +466,7 @@ def test_model_forward_fx_torchscript(case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sequencer2d_s", "v_sequencer_s_pe", "gru_sequencer2d_s"])
+@pytest.mark.parametrize("name", ["v_sequencer_s_pe"])
 def test_model_forward_torchscript_with_features_fx(name):
     batch_size = 1
     size = input_size(pretrained_cfg_for(name), TARGET_JIT_SIZE)
@@ -496,21 +487,27 @@ def _mixer_paths(model) -> set[str]:
 
 
 @pytest.mark.parametrize("case", VARIANTS)
-def test_plain_fx_tracers_keep_every_output(case):
-    """torch.fx.symbolic_trace and torchvision's create_feature_extractor without timm's tracer settings: the same
-    logits, stage maps and final features as eager, bit for bit; every token mixer stays one call_module node."""
+def test_fx_tracers_keep_every_output(case):
+    """torch.fx.symbolic_trace and torchvision's create_feature_extractor without timm's tracer settings, and timm's
+    feature_cls="fx" extractor: the same logits, stage maps and final features as eager, bit for bit; every token
+    mixer stays one call_module node."""
     model = randomise(case.create(pretrained=False, num_classes=10))
     x = torch.randn(2, 3, TARGET_FX_SIZE, TARGET_FX_SIZE + 28)
     graph = torch.fx.symbolic_trace(model)
     calls = {n.target for n in graph.graph.nodes if n.op == "call_module"}
     assert _mixer_paths(model) <= calls
     extractor = create_feature_extractor(model, return_nodes={"stages.1": "stage1", "norm": "final"})
+    fx_net = feature_extractor(model, (0, 1, 2, 3), feature_cls="fx")  # create_model(..., feature_cls="fx")'s
+    assert type(fx_net).__name__ == "FeatureGraphNet" and fx_net.output_fmt == "NHWC"
+    assert fx_net.feature_info.channels() == [i["num_chs"] for i in model.feature_info]
     with torch.inference_mode():
         assert torch.equal(graph(x), model(x))
         got = extractor(x)
-        _, stages = model.forward_intermediates(x, indices=[1], output_fmt="NHWC")
-        assert torch.equal(got["stage1"], stages[0])
+        stages = model.forward_intermediates(x, output_fmt="NHWC", intermediates_only=True)
+        assert torch.equal(got["stage1"], stages[1])
         assert torch.equal(got["final"], model.forward_features(x))
+        maps = fx_net(x)
+    assert len(maps) == 4 and all(torch.equal(m, s) for m, s in zip(maps, stages, strict=True))
 
 
 @pytest.mark.parametrize("name", ["sequencer2d_s", "gru_sequencer2d_s", "v_sequencer_s"])

@@ -146,8 +146,8 @@ class BiLSTM1D(nn.Module):
             raise ValueError(f"the vanilla Sequencer needs RNN output == width ({dim})")
 
     def forward(self, x: Tensor) -> Tensor:
-        B, H, W, C = x.shape
         if torch.jit.is_scripting():  # the reference computation on the RNN module itself
+            B, H, W, C = x.shape
             y = self.rnn(x.reshape(B, H * W, C))[0]
             return y.reshape(B, H, W, y.shape[-1])
         return self._forward_eager(x)
@@ -179,7 +179,7 @@ class ChannelMlp(nn.Module):
 @torch.fx.wrap  # one node in FX graphs: the in-place choice is made at run time, as in eager mode
 def _gelu(h: Tensor, approximate: str) -> Tensor:
     """GELU. Without autograd nothing needs its input, so it is overwritten: one hidden-size tensor (3x the
-    block's) less at the inference peak, -100 MB at batch 32 (benchmarks/RESULTS.md)."""
+    block's) less at the inference peak (benchmarks/RESULTS.md)."""
     if torch.is_grad_enabled():
         return F.gelu(h, approximate=approximate)
     return torch.ops.aten.gelu_(h, approximate=approximate)
