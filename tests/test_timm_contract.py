@@ -1,14 +1,16 @@
 """timm's own model tests on every seqvision variant, and the timm tools built on the model interface.
 
-The tests named ``test_model_*`` mirror the tests of the same name in timm's ``tests/test_models.py`` (timm 1.0.31,
-the pinned release; the file is not part of timm's wheel): the same steps, assertions and tolerances, written here
-rather than copied. What differs is only what the issue allows: the factory and the model list (every
-``seqvision.list_models()`` variant through ``seqvision.create_model``, and timm's own ``sequencer2d_s`` through
-``timm.create_model`` as a control where timm runs that test on it), smaller images (timm's ``_get_input_size`` with
-smaller targets, or a model configured for 64 px where the test reads the configured size), and "pretrained": a
-checkpoint file the test writes, passed as timm passes local weights (``pretrained_cfg_overlay={"file": ...}``).
-Where timm's assertion cannot fail on a freshly built Sequencer (its zero-initialised head makes every logit 0), the
-weights are randomised first, so that "same output" compares real values.
+The tests named ``test_model_*`` mirror the tests of the same name in timm's ``tests/test_models.py`` (from timm's
+repository, for the pinned timm 1.0.31; the file is not part of timm's wheel): the same steps, assertions and
+tolerances, written here rather than copied. What differs is only what the issue allows: the factory and the model
+list (every ``seqvision.list_models()`` variant through ``seqvision.create_model``, and timm's own ``sequencer2d_s``
+through ``timm.create_model`` as a control where timm runs that test on it), smaller images (timm's
+``_get_input_size`` with smaller targets, or a model configured for 64 px where the test reads the configured size),
+and "pretrained": a checkpoint file the test writes, passed as timm passes local weights
+(``pretrained_cfg_overlay={"file": ...}``). Where timm's assertion cannot fail on a freshly built Sequencer (its
+zero-initialised head makes every logit 0), the weights are randomised first, so that "same output" compares real
+values. TorchScript of an FX graph runs on three representative variants: scripting and FX tracing are each checked on
+all 18 (the comment at the test says why).
 
 The rest covers what the issue adds: TorchScript and FX outputs against eager, the fused engine kept inside FX
 graphs, ``feature_cls``, ``prune_intermediate_layers`` and ``set_input_size`` against timm's model as the oracle,
