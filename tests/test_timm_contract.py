@@ -602,9 +602,13 @@ def test_timm_create_model_loads_a_local_checkpoint(tmp_path):
     model = timm.create_model(
         "seqvision_sequencer2d_s", layers=(1, 1, 1, 1), pretrained=True, pretrained_cfg_overlay=dict(file=str(path))
     )
+    # timm's own checkpoint_path= goes through timm's loader: seqvision's files (timm's key layout) load there too
+    native_file = save_weights(source, tmp_path / "s.safetensors")
+    native = timm.create_model("seqvision_sequencer2d_s", layers=(1, 1, 1, 1), checkpoint_path=str(native_file))
     x = torch.randn(1, 3, 56, 56)
     with torch.inference_mode():
         assert torch.equal(model.eval()(x), source(x))
+        assert torch.equal(native.eval()(x), source(x))
 
 
 # -- A timm training script, unchanged but for the model name ----------------------------------------------------------
