@@ -259,6 +259,7 @@ MODEL_KWARGS: dict[str, Check] = {
     "drop_rate": _number(0.0, 1.0),
     "drop_path_rate": _number(0.0, 1.0),
     "drop_path_schedule": _choice("linear", "constant"),
+    "global_pool": _choice("avg", ""),
 }
 DATA_CONFIG: dict[str, Check] = {
     "input_size": lambda v, n: tuple(_list(_int(1, MAX_IMG_SIZE), 3, 3)(v, n)),

@@ -14,6 +14,8 @@ seqvision models use timm's key layout natively, so only the authors' layout nee
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 import urllib.error
@@ -40,6 +42,7 @@ _PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 # What a checkpoint may record besides the weights (INFO_KEYS), so that it can be used without the training
 # config: the variant name, extra create_model() arguments, the class names and the preprocessing; checked by
 # seqvision.checkpoint_meta before use.
+_log = logging.getLogger(__name__)
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -189,8 +192,9 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Tens
     """Load a checkpoint of any supported format into a seqvision model.
 
     A classifier of another size is skipped and the model keeps its fresh head (with a warning), as
-    timm does for ``num_classes`` != the checkpoint's. Anything else that does not fit raises a
-    ``CheckpointError`` naming the missing / unexpected keys and shape mismatches.
+    timm does for ``num_classes`` != the checkpoint's. A stem made for another number of input channels is
+    adapted to the model's ``in_chans`` (``adapt_input_channels``, one log line), as timm does too. Anything else
+    that does not fit raises a ``CheckpointError`` naming the missing / unexpected keys and shape mismatches.
     Returns ``{"format", "head_reset", "missing", "unexpected"}``.
     """
     if isinstance(source, Mapping):
@@ -201,6 +205,7 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Tens
     fmt = detect_format(sd)
     sd = authors_to_timm(sd) if fmt == "authors" else sd
     own = model.state_dict()
+    sd = _adapt_first_conv(model, sd, own, name)
 
     head_reset = False
     file_head = sd.get("head.fc.weight")
@@ -222,6 +227,39 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Tens
         raise CheckpointError(_mismatch_message(model, name, sd, own, missing, unexpected, shapes))
     model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in shapes}, strict=False)
     return {"format": fmt, "head_reset": head_reset, "missing": missing, "unexpected": unexpected}
+
+
+def adapt_input_channels(weight: Tensor, in_chans: int) -> Tensor:
+    """A first conv's weight (out x C x kh x kw) made for ``in_chans`` input channels, as timm adapts pretrained
+    stems: for one channel the sum over the file's C (a grey image then meets the filters an RGB image with three
+    equal channels would); for more, the file's channels repeated cyclically and scaled by C / in_chans, which keeps
+    the scale of the conv's output. Computed in float32, returned in the weight's dtype."""
+    file_chans = weight.shape[1]
+    if in_chans == file_chans:
+        return weight
+    w = weight.float()
+    if in_chans == 1:
+        w = w.sum(dim=1, keepdim=True)
+    else:
+        w = w.repeat(1, math.ceil(in_chans / file_chans), 1, 1)[:, :in_chans] * (file_chans / in_chans)
+    return w.to(weight.dtype)
+
+
+def _adapt_first_conv(model: nn.Module, sd: dict[str, Tensor], own: Mapping[str, Tensor], name: str) -> dict:
+    """``sd`` with its first conv adapted to the model's input channels where only those differ (one log line)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    key = f"{cfg.get('first_conv') or 'stem.proj'}.weight"
+    theirs, ours = sd.get(key), own.get(key)
+    if theirs is None or ours is None or theirs.ndim != 4 or theirs.shape == ours.shape:
+        return sd
+    if theirs.shape[0] != ours.shape[0] or theirs.shape[2:] != ours.shape[2:]:
+        return sd  # another architecture: reported as a shape mismatch
+    file_chans, in_chans = theirs.shape[1], ours.shape[1]
+    how = "summed" if in_chans == 1 else f"repeated and scaled by {file_chans}/{in_chans}"
+    _log.warning(
+        "%s: adapted %s from the file's %d input channels to the model's %d (%s)", name, key, file_chans, in_chans, how
+    )
+    return {**sd, key: adapt_input_channels(theirs, in_chans)}
 
 
 def _mismatch_message(model, name, sd, own, missing, unexpected, shapes) -> str:
@@ -264,8 +302,9 @@ def guess_variant(sd: Mapping[str, Tensor]) -> str | None:
     return None
 
 
-def load_pretrained(model: nn.Module, name: str) -> dict:
-    """Load the published ImageNet-1K weights for ``name`` (downloaded once into torch's hub cache)."""
+def load_pretrained(model: nn.Module, name: str, cache_dir: str | os.PathLike | None = None) -> dict:
+    """Load the published ImageNet-1K weights for ``name`` (downloaded once into torch's hub cache, or into
+    ``cache_dir``)."""
     from .models.sequencer import PRETRAINED_URLS
 
     url = PRETRAINED_URLS.get(name)
@@ -275,9 +314,13 @@ def load_pretrained(model: nn.Module, name: str) -> dict:
             f"{', '.join(PRETRAINED_URLS)})"
         )
     try:
-        obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=False)
+        obj = torch.hub.load_state_dict_from_url(
+            url, model_dir=None if cache_dir is None else str(cache_dir), map_location="cpu", weights_only=True,
+            check_hash=False,
+        )  # fmt: skip
     except (urllib.error.URLError, OSError) as e:
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        folder = Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
+        cache = folder / Path(url).name
         raise CheckpointError(
             f"could not download {url} ({_first_line(e)}); download it yourself to {cache} or pass checkpoint_path="
         ) from None

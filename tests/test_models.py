@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import randomise
 from torch import nn
 
 import seqvision
@@ -369,3 +370,59 @@ def test_channel_mlp_matches_timms_mlp(mode):
     if mode == "grad":  # the autograd path keeps GELU's input for backward
         y.sum().backward()
         assert ours.fc1.weight.grad is not None and ours.fc1.weight.grad.abs().sum() > 0
+
+
+def test_channels_last_output_is_declared_as_timm_reads_it():
+    model = tiny().eval()
+    feats = model.forward_features(torch.randn(1, 3, 56, 84))
+    assert model.output_fmt == "NHWC" and model.feature_dim == -1
+    assert feats.shape[model.feature_dim] == model.num_features and feats.shape[1:3] == (4, 6)
+
+
+def test_global_pool_none_returns_the_map_and_avg_pools_again():
+    model = tiny(global_pool="").eval()
+    x = torch.randn(2, 3, 56, 84)
+    assert model(x).shape == (2, 4, 6, 10)  # the classifier on every position, as timm's heads without pooling
+    model.reset_classifier(0, "avg")
+    assert model(x).shape == (2, 32) and model.global_pool == "avg"
+    model.reset_classifier(0, "")
+    torch.testing.assert_close(model(x), model.forward_features(x))
+    with pytest.raises(ValueError, match="global_pool must be 'avg'"):
+        model.reset_classifier(0, "max")
+    with pytest.raises(ValueError, match="global_pool must be 'avg'"):
+        tiny(global_pool="token")
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
+def test_no_variant_claims_a_fixed_input_size(name):
+    # Each runs at any size (v_sequencer_s_pe resamples its position embedding: the test above), so none says fixed.
+    with torch.device("meta"):
+        assert seqvision.create_model(name).pretrained_cfg["fixed_input_size"] is False
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(cell="gru", union="add"),
+        dict(cell="rnn", bidirectional=False),
+        dict(union="vertical", hidden_sizes=(8, 16, 16, 16), with_fc=False),
+        dict(union="horizontal", hidden_sizes=(8, 16, 16, 16)),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_runs_the_reference_path(kw):
+    # Token-mixer options beyond the registered variants (tests/test_timm_contract.py scripts those).
+    from seqvision import ops
+
+    torch.manual_seed(0)
+    model = randomise(tiny(**kw))
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 42, 56)
+    with torch.inference_mode(), ops.use_engine("reference"):
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_token_mixer_alone_is_not_traced():
+    with pytest.raises(torch.fx.proxy.TraceError, match="trace the model"):
+        torch.fx.symbolic_trace(BiLSTM2D(16, 4))

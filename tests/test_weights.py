@@ -1,18 +1,24 @@
 """Checkpoint formats: fidelity against timm's model, conversion, and errors for bad files."""
 
+import logging
+import re
+
 import pytest
 import timm
 import torch
 from helpers import randomise
 from safetensors.torch import save_file
+from timm.models import adapt_input_conv
 
 import seqvision
 from seqvision.errors import CheckpointError
 from seqvision.weights import (
+    adapt_input_channels,
     authors_to_timm,
     convert_checkpoint,
     detect_format,
     guess_variant,
+    load_pretrained,
     load_weights,
     read_checkpoint,
     save_weights,
@@ -187,3 +193,78 @@ def test_pretrained_without_published_weights():
 def test_seqvision_format_requires_safetensors(tmp_path):
     with pytest.raises(CheckpointError, match="safetensors"):
         save_weights(seqvision.create_model("sequencer2d_s", **TINY), tmp_path / "x.pth", fmt="seqvision")
+
+
+def _write(model, folder, fmt):
+    if fmt == "authors":
+        path = folder / "a.pth"
+        torch.save({"model": timm_to_authors(model.state_dict())}, path)
+        return path
+    if fmt == "timm":
+        path = folder / "t.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        return path
+    return save_weights(model, folder / "s.safetensors")
+
+
+@pytest.mark.parametrize("fmt", ["authors", "timm", "seqvision"])
+@pytest.mark.parametrize("in_chans", [1, 2, 4])
+def test_stem_is_adapted_to_in_chans_from_any_format(fmt, in_chans, tmp_path, caplog):
+    src = randomise(seqvision.create_model("sequencer2d_s", **TINY))
+    path = _write(src, tmp_path, fmt)
+    with caplog.at_level(logging.WARNING, logger="seqvision.weights"):
+        model = seqvision.create_model("sequencer2d_s", **TINY, in_chans=in_chans, checkpoint_path=path)
+    # timm's adaptation of a pretrained stem is the oracle, bit for bit
+    assert torch.equal(model.stem.proj.weight, adapt_input_conv(in_chans, src.stem.proj.weight))
+    assert torch.equal(model.stem.proj.bias, src.stem.proj.bias) and torch.equal(model.norm.weight, src.norm.weight)
+    said = [r.getMessage() for r in caplog.records if r.name == "seqvision.weights"]
+    assert len(said) == 1 and f"from the file's 3 input channels to the model's {in_chans}" in said[0], said
+    assert ("summed" if in_chans == 1 else f"scaled by 3/{in_chans}") in said[0]
+
+
+def test_grey_stem_sees_a_grey_image_as_the_rgb_stem_sees_it_in_three_equal_channels():
+    rgb = randomise(seqvision.create_model("sequencer2d_s", **TINY))
+    grey = seqvision.create_model("sequencer2d_s", **TINY, in_chans=1)
+    load_weights(grey, rgb.state_dict())
+    x = torch.randn(2, 1, 28, 42)
+    torch.testing.assert_close(grey.stem(x), rgb.stem(x.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-5)
+
+
+def test_adapt_input_channels_from_other_file_channel_counts():
+    w = torch.randn(8, 2, 3, 3)
+    torch.testing.assert_close(adapt_input_channels(w, 1), w.sum(1, keepdim=True))
+    three = adapt_input_channels(w, 3)
+    torch.testing.assert_close(three, torch.cat([w, w[:, :1]], 1) * (2 / 3))
+    assert adapt_input_channels(w, 2) is w
+    half = adapt_input_channels(w.to(torch.bfloat16), 1)
+    assert half.dtype == torch.bfloat16
+
+
+def test_in_chans_adaptation_is_not_a_licence_for_other_mismatches(tmp_path):
+    other = seqvision.create_model("sequencer2d_s", **dict(TINY, embed_dims=(8, 32, 32, 32)))
+    path = tmp_path / "other.pth"
+    torch.save(other.state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"stem\.proj\.weight: file \(8, 3, 7, 7\), model \(16, 1, 7, 7\)"):
+        seqvision.create_model("sequencer2d_s", **TINY, in_chans=1, checkpoint_path=path)
+
+
+def test_pretrained_from_cache_dir_with_in_chans(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "elsewhere"))
+    with torch.device("meta"):
+        shapes = seqvision.create_model("sequencer2d_s").state_dict()
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape, generator=g) for k, v in shapes.items()}
+    torch.save(timm_to_authors(sd), tmp_path / "sequencer2d_s.pth")
+    model = seqvision.create_model("sequencer2d_s", pretrained=True, cache_dir=tmp_path, in_chans=1)
+    assert torch.equal(model.stem.proj.weight, sd["stem.proj.weight"].sum(1, keepdim=True))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
+    with pytest.raises(CheckpointError, match=re.escape(f"download it yourself to {empty}")):
+        load_pretrained(seqvision.create_model("sequencer2d_m", layers=(1, 1, 1, 1)), "sequencer2d_m", empty)
+
+
+def _offline(*args, **kwargs):
+    import urllib.error
+
+    raise urllib.error.URLError("no network in tests")

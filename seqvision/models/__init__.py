@@ -1,7 +1,8 @@
 """Sequencer networks: the model family, its registry of variants and the factory."""
 
-from .factory import create_model, list_models, model_config, resolve_name
+from .factory import create_model, feature_extractor, list_models, model_config, resolve_name
 from .sequencer import VARIANTS, BiLSTM1D, BiLSTM2D, Sequencer, SequencerBlock, SequencerStage
+from .timm_registry import register_timm, timm_name
 
 __all__ = [
     "VARIANTS",
@@ -11,7 +12,10 @@ __all__ = [
     "SequencerBlock",
     "SequencerStage",
     "create_model",
+    "feature_extractor",
     "list_models",
     "model_config",
+    "register_timm",
     "resolve_name",
+    "timm_name",
 ]

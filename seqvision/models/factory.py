@@ -5,9 +5,11 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from timm.models._features import FeatureGetterNet
+from timm.models._features_fx import FeatureGraphNet
 from torch import nn
 
 from ..errors import UnknownModelError
@@ -34,6 +36,11 @@ def model_config(name: str) -> dict[str, Any]:
     return dict(VARIANTS[resolve_name(name)])
 
 
+FEATURE_CLASSES = ("getter", "fx")
+# timm's create_model options that need nothing here: every seqvision model scripts, traces and exports as it is.
+_LAYER_CONFIG_ARGS = ("scriptable", "exportable", "no_jit")
+
+
 def create_model(
     name: str,
     pretrained: bool = False,
@@ -41,26 +48,40 @@ def create_model(
     num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None,
     drop_path_rate: float | None = None,
-    in_chans: int = 3,
+    in_chans: int | None = 3,
     features_only: bool = False,
     out_indices: tuple[int, ...] = (0, 1, 2, 3),
-    output_fmt: str = "NCHW",
+    output_fmt: str | None = None,
+    feature_cls: str | type = "getter",
+    global_pool: str | None = None,
+    pretrained_cfg_overlay: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a Sequencer variant by name.
+    """Build a Sequencer variant by name, with timm's ``create_model`` arguments.
 
     Args:
         name: a registered variant (``list_models()``), e.g. ``"sequencer2d_s"``.
-        pretrained: load the published ImageNet-1K weights (downloaded once into torch's hub cache).
+        pretrained: load the published ImageNet-1K weights (downloaded once into torch's hub cache, or
+            ``cache_dir``), or the file named by ``pretrained_cfg_overlay={"file": ...}``.
         checkpoint_path: load weights from this file instead (authors', timm's or seqvision's format).
         num_classes: classifier size; a checkpoint with another head gets a fresh head (with a warning).
         img_size: the input size the model is meant for (sets ``pretrained_cfg`` and the position
             embedding of ``v_sequencer_s_pe``); any size works at run time.
         drop_path_rate: stochastic depth; ``drop_path_schedule="constant"`` gives timm's rule.
+        in_chans: input channels; a 3-channel checkpoint's stem is adapted to them (summed, or repeated and scaled).
         features_only: return a feature extractor giving the stage outputs in ``out_indices``.
-        **kwargs: any other ``Sequencer`` argument (e.g. ``cell="gru"``, ``union="add"``).
+        output_fmt: the feature maps' layout, "NCHW" (default) or "NHWC".
+        feature_cls: the extractor: "getter" (timm's FeatureGetterNet over ``forward_intermediates``) or "fx"
+            (timm's FeatureGraphNet, an FX graph; its maps are the stages' own NHWC tensors).
+        global_pool: "avg" (default) or "" (no pooling: ``forward`` returns the B x H x W x C map).
+        pretrained_cfg_overlay: entries replacing those of ``pretrained_cfg``, as in timm; ``file`` (or
+            ``state_dict``) is where ``pretrained=True`` takes the weights from.
+        **kwargs: any other ``Sequencer`` argument (e.g. ``cell="gru"``, ``union="add"``). None values are ignored,
+            as timm ignores them.
     """
     name = resolve_name(name)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _LAYER_CONFIG_ARGS}
     cfg = dict(VARIANTS[name])
     cfg.update(kwargs)
     if num_classes is not None:
@@ -69,9 +90,15 @@ def create_model(
         cfg["img_size"] = img_size
     if drop_path_rate is not None:
         cfg["drop_path_rate"] = drop_path_rate
-    cfg["in_chans"] = in_chans
+    if global_pool is not None:
+        cfg["global_pool"] = global_pool
+    cfg["in_chans"] = 3 if in_chans is None else in_chans
     model = Sequencer(**cfg)
-    model.pretrained_cfg = pretrained_cfg_for(name, model.num_classes, cfg.get("img_size"))
+    overlay = dict(pretrained_cfg_overlay or {})
+    source = overlay.pop("state_dict", None) or overlay.get("file")
+    overlay.pop("num_classes", None)  # the loader fits the file's head to the model's (timm's -1 asks the same)
+    model.pretrained_cfg = pretrained_cfg_for(name, model.num_classes, cfg.get("img_size"), model.min_input_size)
+    model.pretrained_cfg.update(overlay)
     model.default_cfg = model.pretrained_cfg
     model.variant = name
 
@@ -79,11 +106,37 @@ def create_model(
 
     if checkpoint_path is not None:
         load_weights(model, checkpoint_path)
+    elif pretrained and source is not None:
+        load_weights(model, source)
     elif pretrained:
-        load_pretrained(model, name)
+        load_pretrained(model, name, cache_dir=cache_dir)
 
     if features_only:
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError("output_fmt must be 'NCHW' or 'NHWC'")
-        return FeatureGetterNet(model, out_indices=out_indices, output_fmt=output_fmt)
+        return feature_extractor(model, out_indices, output_fmt, feature_cls)
     return model
+
+
+def feature_extractor(
+    model: Sequencer, out_indices: Sequence[int], output_fmt: str | None = None, feature_cls: str | type = "getter"
+) -> nn.Module:
+    """``model`` wrapped to return its stage outputs ``out_indices`` (``create_model(features_only=True)``), with
+    ``feature_info`` and the model's ``pretrained_cfg`` (less the classifier's entries, as timm gives it) so that
+    ``timm.data.resolve_data_config`` reads the preprocessing from the wrapper too."""
+    if feature_cls in ("getter", FeatureGetterNet):
+        output_fmt = output_fmt or "NCHW"
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', not {output_fmt!r}")
+        net = FeatureGetterNet(model, out_indices=out_indices, output_fmt=output_fmt)
+    elif feature_cls in ("fx", FeatureGraphNet):
+        if output_fmt not in (None, "NHWC"):
+            raise ValueError(
+                "feature_cls='fx' returns the stages' own B x H x W x C maps (output_fmt 'NHWC'); "
+                "the default feature_cls='getter' gives NCHW"
+            )
+        net = FeatureGraphNet(model, out_indices=tuple(out_indices), output_fmt="NHWC")
+    else:
+        raise ValueError(f"feature_cls must be one of {', '.join(FEATURE_CLASSES)} (timm's names), not {feature_cls!r}")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    net.pretrained_cfg = {k: v for k, v in cfg.items() if k not in ("num_classes", "classifier", "global_pool")}
+    net.default_cfg = net.pretrained_cfg
+    return net

@@ -21,8 +21,6 @@ Parameter names follow timm's port (``stages.{i}.blocks.{j}``), so timm checkpoi
 ``seqvision.weights`` converts the authors' layout (``blocks.{i}.{j}``).
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -37,6 +35,8 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..errors import InputError
 from ..ops.packing import share_storage
+from ..ops.reference import columns, from_columns, from_rows, join, rows
+from ..ops.tracing import fx_leaf
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 # The blocks' norms: nn.LayerNorm, except on the GPU engine, where each is one Triton pass (ops/layer_norm.py).
@@ -108,8 +108,31 @@ class BiLSTM2D(nn.Module):
             self.fc = None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = ops.rnn2d(x, self.rnn_v, self.rnn_h, self.union)
-        return self.fc(x) if self.fc is not None else x
+        if torch.jit.is_scripting():
+            return self._fuse(self._mix_reference(x))
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        # One node in FX graphs, so that a traced model still runs the engine chosen at run time.
+        traced = fx_leaf(self, x)
+        if traced is not None:
+            return traced
+        return self._fuse(ops.rnn2d(x, self.rnn_v, self.rnn_h, self.union))
+
+    def _fuse(self, y: Tensor) -> Tensor:
+        return self.fc(y) if self.fc is not None else y
+
+    def _mix_reference(self, x: Tensor) -> Tensor:
+        """TorchScript's path: the reference computation on the nn.LSTM / GRU / RNN modules themselves."""
+        B, H, W, _ = x.shape
+        v: Tensor | None = None
+        h: Tensor | None = None
+        if self.rnn_v is not None:
+            v = from_columns(self.rnn_v(columns(x))[0], B, H, W)
+        if self.rnn_h is not None:
+            h = from_rows(self.rnn_h(rows(x))[0], B, H, W)
+        return join(v, h, self.union)
 
 
 class BiLSTM1D(nn.Module):
@@ -123,6 +146,17 @@ class BiLSTM1D(nn.Module):
             raise ValueError(f"the vanilla Sequencer needs RNN output == width ({dim})")
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # the reference computation on the RNN module itself
+            B, H, W, C = x.shape
+            y = self.rnn(x.reshape(B, H * W, C))[0]
+            return y.reshape(B, H, W, y.shape[-1])
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        traced = fx_leaf(self, x)  # one node in FX graphs, as BiLSTM2D
+        if traced is not None:
+            return traced
         # The raster sequence is one long row: the 2D engine's horizontal pass on a 1 x HW map.
         B, H, W, C = x.shape
         y = ops.rnn2d(x.flatten(1, 2).unsqueeze(1), None, self.rnn, "horizontal")
@@ -139,11 +173,16 @@ class ChannelMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)
-        # Without autograd nothing needs GELU's input, so it is overwritten: one hidden-size tensor (3x the
-        # block's) less at the inference peak, -100 MB at batch 32 (benchmarks/RESULTS.md).
-        h = self.act(h) if torch.is_grad_enabled() else torch.ops.aten.gelu_(h, approximate=self.act.approximate)
-        return self.fc2(h)
+        return self.fc2(_gelu(self.fc1(x), self.act.approximate))
+
+
+@torch.fx.wrap  # one node in FX graphs: the in-place choice is made at run time, as in eager mode
+def _gelu(h: Tensor, approximate: str) -> Tensor:
+    """GELU. Without autograd nothing needs its input, so it is overwritten: one hidden-size tensor (3x the
+    block's) less at the inference peak (benchmarks/RESULTS.md)."""
+    if torch.is_grad_enabled():
+        return F.gelu(h, approximate=approximate)
+    return torch.ops.aten.gelu_(h, approximate=approximate)
 
 
 class SequencerBlock(nn.Module):
@@ -174,24 +213,41 @@ class SequencerStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            # Recompute each block's activations in backward instead of storing them.
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
+        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            return self._checkpointed(x)
         return self.blocks(x)
+
+    @torch.jit.unused
+    def _checkpointed(self, x: Tensor) -> Tensor:
+        """Recompute each block's activations in backward instead of storing them."""
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+
+
+POOL_TYPES = ("avg", "")  # timm's global_pool values that apply: average over H and W, or none
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in POOL_TYPES:
+        raise ValueError(f"global_pool must be 'avg' (mean over H and W) or '' (no pooling), not {global_pool!r}")
+    return global_pool
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool over H and W, dropout, Linear."""
+    """Global average pool over H and W (``pool_type="avg"``; ``""`` keeps the B x H x W x C map), dropout,
+    Linear."""
 
-    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0):
+    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0, pool_type: str = "avg"):
         super().__init__()
+        self.pool_type = _check_pool(pool_type)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.drop(x.mean(dim=(1, 2)))
+        if self.pool_type == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.drop(x)
         return x if pre_logits else self.fc(x)
 
 
@@ -241,6 +297,7 @@ class Sequencer(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         img_size: int | tuple[int, int] = 224,
+        global_pool: str = "avg",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         drop_path_schedule: str = "linear",
@@ -254,7 +311,12 @@ class Sequencer(nn.Module):
             raise ValueError("drop_path_schedule must be 'linear' (authors) or 'constant' (timm's port)")
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.img_size = _pair(img_size)
+        self.global_pool = _check_pool(global_pool)
         self.num_features = self.head_hidden_size = embed_dims[-1]
+        # forward_features (and every stage) returns B x H x W x C: channels on the last axis, as timm declares it.
+        self.output_fmt = "NHWC"
+        self.feature_dim = -1
         self.min_input_size = math.prod(patch_sizes)
         self.shuffle_tokens = shuffle_tokens
 
@@ -290,7 +352,7 @@ class Sequencer(nn.Module):
         self.stages = nn.Sequential(*stages)
         # Plain nn.LayerNorm: forward_features keeps timm's output dtype under autocast (fp32).
         self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)
-        self.head = ClassifierHead(embed_dims[-1], num_classes, drop_rate)
+        self.head = ClassifierHead(embed_dims[-1], num_classes, drop_rate, global_pool)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -327,42 +389,21 @@ class Sequencer(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (zero-initialised, as the authors do for transfer)."""
-        if global_pool not in (None, "avg"):
-            raise ValueError("Sequencer pools by averaging over H and W; global_pool must be 'avg'")
+        """Replace the classifier (zero-initialised, as the authors do for transfer); ``global_pool=""`` makes
+        ``forward`` return the unpooled B x H x W x C map (timm's convention), ``"avg"`` pools again."""
+        if global_pool is not None:
+            self.global_pool = self.head.pool_type = _check_pool(global_pool)
         self.num_classes = num_classes
-        device = self.norm.weight.device
+        device = self.stem.proj.weight.device
         self.head.fc = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             nn.init.zeros_(self.head.fc.weight)
             nn.init.zeros_(self.head.fc.bias)
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise InputError(f"expected images of shape (batch, {self.in_chans}, height, width), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise InputError(
-                f"expected a floating-point image tensor, got {x.dtype}: scale to [0, 1] and normalise with the "
-                "model's mean / std first (timm.data.resolve_data_config(model=model) gives them)"
-            )
-        h, w = x.shape[-2:]
-        if h < self.min_input_size or w < self.min_input_size:
-            raise InputError(
-                f"input of {h}x{w} pixels is too small: this model needs at least "
-                f"{self.min_input_size}x{self.min_input_size} (its patch sizes multiply to {self.min_input_size})"
-            )
-
     def _embed(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        x = self.stem(x)
+        x = self.stem(_check_images(x, self.in_chans, self.min_input_size))
         if self.absolute_pos_embed is not None:
-            pe = self.absolute_pos_embed
-            # Another input size: resample the learned grid. When compiling or exporting, always resample
-            # (an identity at the same size) so the graph does not specialise on the image size.
-            if torch.compiler.is_compiling() or pe.shape[1:3] != x.shape[1:3]:
-                pe = F.interpolate(pe.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic", align_corners=False)
-                pe = pe.permute(0, 2, 3, 1)
-            x = x + pe
+            x = _add_pos_embed(x, self.absolute_pos_embed)
         if self.shuffle_tokens and self.training:
             # Ablation (Sec. 4.4): one random order of the token positions per batch, training only.
             B, H, W, C = x.shape
@@ -415,7 +456,8 @@ class Sequencer(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop the stages (and norm / head) that the requested intermediates do not need."""
+        """Drop the stages (and norm / head) that the requested intermediates do not need; returns their indices.
+        As in timm, the pruned head neither pools nor classifies: ``forward`` then returns the last kept map."""
         take = _take_indices(len(self.stages), indices)
         keep = max(take) + 1
         pruned_end = keep < len(self.stages)
@@ -425,9 +467,64 @@ class Sequencer(nn.Module):
         if pruned_end:
             self.num_features = self.head_hidden_size = self.feature_info[keep - 1]["num_chs"]
         if prune_head or pruned_end:
-            self.head = ClassifierHead(self.num_features, 0)
-            self.num_classes = 0
+            self.head = ClassifierHead(self.num_features, 0, pool_type="")
+            self.num_classes, self.global_pool = 0, ""
         return take
+
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """Make ``img_size`` the size the model is meant for (timm's API): ``pretrained_cfg``, which
+        ``timm.data.resolve_data_config`` reads, and the learned position embedding (``v_sequencer_s_pe``), which is
+        resampled to the new grid once here instead of at every call. Inputs of any size still run."""
+        size = _pair(img_size)
+        if min(size) < self.min_input_size:
+            raise InputError(f"img_size {size} is below this model's smallest input, {self.min_input_size} pixels")
+        if self.absolute_pos_embed is not None:
+            patch = self.stem.proj.kernel_size
+            grid = (size[0] // patch[0], size[1] // patch[1])
+            with torch.no_grad():
+                pe = _resample_grid(self.absolute_pos_embed.detach(), list(grid))
+            self.absolute_pos_embed = nn.Parameter(pe, requires_grad=self.absolute_pos_embed.requires_grad)
+        self.img_size = size
+        cfg = getattr(self, "pretrained_cfg", None)
+        if cfg is not None:
+            cfg["input_size"] = (cfg["input_size"][0], *size)
+            cfg["pool_size"] = (size[0] // self.min_input_size, size[1] // self.min_input_size)
+
+
+# -- Steps of the forward pass kept as one node each in FX graphs (they look at shapes or the autograd state,
+# which an FX proxy cannot answer at trace time); TorchScript compiles them as they are.
+@torch.fx.wrap
+def _check_images(x: Tensor, in_chans: int, min_size: int) -> Tensor:
+    """``x`` itself if it is a batch of images this model can take; else an InputError that says what to change."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise InputError(f"expected images of shape (batch, {in_chans}, height, width), got {list(x.shape)}")
+    if not x.is_floating_point():
+        raise InputError(
+            f"expected a floating-point image tensor, got {x.dtype}: scale to [0, 1] and normalise with the "
+            "model's mean / std first (timm.data.resolve_data_config(model=model) gives them)"
+        )
+    h, w = x.shape[2], x.shape[3]
+    if h < min_size or w < min_size:
+        raise InputError(
+            f"input of {h}x{w} pixels is too small: this model needs at least "
+            f"{min_size}x{min_size} (its patch sizes multiply to {min_size})"
+        )
+    return x
+
+
+def _resample_grid(pe: Tensor, grid: list[int]) -> Tensor:
+    """A 1 x h x w x C learned grid resampled (bicubic) to ``grid``."""
+    pe = F.interpolate(pe.permute(0, 3, 1, 2), size=grid, mode="bicubic", align_corners=False)
+    return pe.permute(0, 2, 3, 1)
+
+
+@torch.fx.wrap
+def _add_pos_embed(x: Tensor, pe: Tensor) -> Tensor:
+    """``x + pe``, the grid resampled to ``x``'s when the input size differs. When compiling or exporting it is always
+    resampled (an identity at the same size) so that the graph does not specialise on the image size."""
+    if (not torch.jit.is_scripting() and torch.compiler.is_compiling()) or pe.shape[1:3] != x.shape[1:3]:
+        pe = _resample_grid(pe, x.shape[1:3])
+    return x + pe
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -484,10 +581,15 @@ _RELEASE = "https://github.com/okojoalg/sequencer/releases/download/weights/{}.p
 PRETRAINED_URLS = {name: _RELEASE.format(name) for name in ("sequencer2d_s", "sequencer2d_m", "sequencer2d_l")}
 
 
-def pretrained_cfg_for(name: str, num_classes: int = 1000, img_size: int | tuple[int, int] | None = None) -> dict:
-    """Preprocessing and metadata in timm's pretrained_cfg format (timm.data.resolve_data_config reads it)."""
+def pretrained_cfg_for(
+    name: str, num_classes: int = 1000, img_size: int | tuple[int, int] | None = None, reduction: int | None = None
+) -> dict:
+    """Preprocessing and metadata in timm's pretrained_cfg format (timm.data.resolve_data_config reads it).
+    ``reduction``: the model's total stride (its patch sizes multiplied; the variant's by default), which gives
+    ``pool_size``, the size of the final feature map at ``img_size``."""
     native = 392 if name.endswith("_392") else 224
     size = _pair(img_size) if img_size is not None else (native, native)
+    reduction = reduction or math.prod(VARIANTS[name]["patch_sizes"])
     return {
         "architecture": name,
         "url": PRETRAINED_URLS.get(name, ""),
@@ -499,5 +601,7 @@ def pretrained_cfg_for(name: str, num_classes: int = 1000, img_size: int | tuple
         "std": (0.229, 0.224, 0.225),
         "first_conv": "stem.proj",
         "classifier": "head.fc",
-        "fixed_input_size": name.startswith("v_sequencer_s_pe"),
+        "pool_size": (size[0] // reduction, size[1] // reduction),
+        # Every variant runs at any size (v_sequencer_s_pe resamples its position embedding), so none is fixed.
+        "fixed_input_size": False,
     }

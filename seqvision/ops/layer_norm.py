@@ -25,9 +25,11 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import triton_lstm
+from .tracing import fx_leaf
 
 
 @functools.cache
@@ -157,13 +159,25 @@ def _runs_here(x: Tensor, param_dtype: torch.dtype, out_dtype: torch.dtype) -> b
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm over the last dimension; on CUDA one Triton pass whose output is in the autocast dtype
-    when autocast is on (see the module docstring). Same parameters and state dict as nn.LayerNorm."""
+    when autocast is on (see the module docstring). Same parameters and state dict as nn.LayerNorm.
+
+    TorchScript compiles it as nn.LayerNorm; FX graphs keep it as one node that chooses its path at run time."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        traced = fx_leaf(self, x)
+        if traced is not None:
+            return traced
         if self._fast_path(x) and _runs_here(x, self.weight.dtype, _out_dtype(x)):
             return layer_norm_triton(x, self.weight, self.bias, self.eps)
-        return super().forward(x)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
+    @torch.jit.unused
     def _fast_path(self, x: Tensor) -> bool:
         from . import get_engine  # defined in the package after this module is imported
 

@@ -35,18 +35,39 @@ def _call(rnn: nn.RNNBase, seq: Tensor) -> Tensor:
     return out.to(torch.get_autocast_dtype("cpu"))
 
 
+# The sequence layouts of the two axes, shared with the models' TorchScript path.
+def columns(x: Tensor) -> Tensor:
+    """B x H x W x C -> (B*W) x H x C: every column as one sequence, top to bottom."""
+    B, H, W, C = x.shape
+    return x.transpose(1, 2).reshape(B * W, H, C)
+
+
+def from_columns(y: Tensor, B: int, H: int, W: int) -> Tensor:
+    """The inverse of ``columns`` for the RNN's output: (B*W) x H x D -> B x H x W x D."""
+    return y.reshape(B, W, H, y.shape[-1]).transpose(1, 2)  # not -1: B may be 0
+
+
+def rows(x: Tensor) -> Tensor:
+    """B x H x W x C -> (B*H) x W x C: every row as one sequence, left to right."""
+    B, H, W, C = x.shape
+    return x.reshape(B * H, W, C)
+
+
+def from_rows(y: Tensor, B: int, H: int, W: int) -> Tensor:
+    """The inverse of ``rows`` for the RNN's output: (B*H) x W x D -> B x H x W x D."""
+    return y.reshape(B, H, W, y.shape[-1])
+
+
 def run_vertical(x: Tensor, rnn: nn.RNNBase) -> Tensor:
     """Run ``rnn`` down every column of a B x H x W x C map; returns B x H x W x (dirs * D)."""
-    B, H, W, C = x.shape
-    v = _call(rnn, x.transpose(1, 2).reshape(B * W, H, C))
-    return v.reshape(B, W, H, v.shape[-1]).transpose(1, 2)  # not -1: B may be 0
+    B, H, W, _ = x.shape
+    return from_columns(_call(rnn, columns(x)), B, H, W)
 
 
 def run_horizontal(x: Tensor, rnn: nn.RNNBase) -> Tensor:
     """Run ``rnn`` along every row of a B x H x W x C map; returns B x H x W x (dirs * D)."""
-    B, H, W, C = x.shape
-    h = _call(rnn, x.reshape(B * H, W, C))
-    return h.reshape(B, H, W, h.shape[-1])
+    B, H, W, _ = x.shape
+    return from_rows(_call(rnn, rows(x)), B, H, W)
 
 
 def join(v: Tensor | None, h: Tensor | None, union: str) -> Tensor:
