@@ -19,15 +19,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CheckpointError
-from .images import CROP_PCT_RANGE, MAX_IMG_SIZE
+import timm
+import torch
+from torch import Tensor
 
-INFO_KEYS = ("model_name", "model_kwargs", "class_names", "data_config", "epoch")
-JSON_KEYS = ("model_kwargs", "class_names", "data_config")  # JSON text in safetensors metadata
+from .errors import CheckpointError, UnknownModelError
+from .images import CROP_PCT_RANGE, MAX_IMG_SIZE
+from .models import VARIANTS, create_model, guess_variant, resolve_name
+from .weights import INFO_KEYS, authors_to_timm, detect_format, read_stored, save_weights
+
 # Bounds on the stored text, checked before it is parsed.
 _MAX_CHARS = {
     "model_name": 200,
@@ -72,7 +77,7 @@ class CheckpointMeta:
     epoch: int | None = None
 
     def to_info(self) -> dict[str, Any]:
-        """The recorded fields as the plain dict ``seqvision.weights.read_checkpoint`` returns."""
+        """The recorded fields as the plain dict ``read_checkpoint`` returns."""
         info: dict[str, Any] = {}
         if self.model_name is not None:
             info["model_name"] = self.model_name
@@ -95,6 +100,19 @@ class CheckpointMeta:
     def describes_model(self) -> bool:
         """Whether the metadata says which model the tensors are (a variant name or its arguments)."""
         return self.model_name is not None or bool(self.model_kwargs)
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> tuple[dict[str, Tensor], CheckpointMeta]:
+    """A checkpoint's state dict (``seqvision.weights.read_stored``: any format, unwrapped, loaded safely) and its
+    recorded fields as a checked ``CheckpointMeta``."""
+    stored = read_stored(path)
+    return stored.state_dict, parse_metadata(stored.recorded, str(path), encoded=stored.encoded)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``read_checkpoint_meta`` with the checked fields as a plain dict (``CheckpointMeta.to_info``)."""
+    sd, meta = read_checkpoint_meta(path)
+    return sd, meta.to_info()
 
 
 def parse_metadata(raw: Mapping[str, Any], source: str, encoded: bool = False) -> CheckpointMeta:
@@ -272,8 +290,6 @@ DATA_CONFIG: dict[str, Check] = {
 
 
 def _is_variant(name: str) -> bool:
-    from .errors import UnknownModelError
-    from .models import resolve_name
 
     try:
         resolve_name(name)
@@ -283,7 +299,6 @@ def _is_variant(name: str) -> bool:
 
 
 def _model_name(v: Any) -> str:
-    import timm
 
     if not isinstance(v, str) or not v or len(v) > _MAX_CHARS["model_name"]:
         raise _Bad("model_name", f"must be a variant name, got {_short(v)}")
@@ -397,8 +412,6 @@ def _check_shapes(meta: CheckpointMeta, sd: Mapping[str, Any], name: str) -> Non
     if fits:
         hint = f"; the tensors are a {fits}" + (" with these model_kwargs" if meta.model_kwargs else "")
     else:
-        from .weights import guess_variant
-
         guess = guess_variant(sd)
         hint = f"; the tensors are a plain {guess}" if guess else ""
     if own is None:
@@ -407,9 +420,6 @@ def _check_shapes(meta: CheckpointMeta, sd: Mapping[str, Any], name: str) -> Non
 
 
 def _shapes(name: str, kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    import torch
-
-    from .models import create_model
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = create_model(name, **kwargs)
@@ -417,7 +427,6 @@ def _shapes(name: str, kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def _variant_that_fits(kwargs: Mapping[str, Any], have: Mapping[str, tuple], exclude: str) -> str | None:
-    from .models import VARIANTS
 
     for variant in VARIANTS:  # registered order: the base variants first
         if variant == exclude:
@@ -439,3 +448,19 @@ def _first_difference(own: Mapping[str, tuple], have: Mapping[str, tuple]) -> st
         return f"the file lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
     extra = [k for k in have if k not in own]
     return f"the file has {extra[0]}, which that model lacks" + (f" (+{len(extra) - 1})" if len(extra) > 1 else "")
+
+
+# -- conversion -----------------------------------------------------------------------------------------------------
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = "seqvision") -> dict:
+    """Read ``src`` in any supported format and write it to ``dst`` in format ``to``."""
+    sd, meta = read_checkpoint_meta(src)
+    source_fmt = detect_format(sd)
+    # Class names, channels and preprocessing that contradict the tensors are not passed on. The variant's
+    # shapes are not compared: save_weights records no model_kwargs for a custom-size model.
+    check_against_tensors(meta, authors_to_timm(sd) if source_fmt == "authors" else sd, str(src), None)
+    info = meta.to_info()
+    if "model_name" not in info and (variant := guess_variant(sd)):
+        info["model_name"] = variant
+    info.pop("epoch", None)
+    save_weights(sd, dst, to, info=info)
+    return {"from": source_fmt, "to": to, "tensors": len(sd), "variant": info.get("model_name")}

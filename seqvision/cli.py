@@ -13,6 +13,7 @@ import sys
 import textwrap
 import warnings
 
+from . import __version__
 from .errors import UserError
 
 # name -> (module, one-line summary)
@@ -71,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_main_help())
         return 0
     if argv[0] in ("-V", "--version"):
-        from . import __version__
-
         print(f"seqvision {__version__}")
         return 0
     _quiet_warnings()

@@ -29,6 +29,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torchvision import datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from .errors import DataError
@@ -259,8 +260,6 @@ class _TorchvisionSamples(Sequence):
 
 
 def _torchvision(name: str, split: str, root: Path) -> LabelledImages:
-    import torchvision.datasets as tvd
-
     if split not in SPLITS:
         raise DataError(f"{name} has the splits 'train' and 'val' (its test split), not {split!r}")
     cls_name, layout, n_classes = TORCHVISION_SETS[name]

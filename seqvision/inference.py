@@ -18,19 +18,12 @@ import torch
 from timm.data import ImageNetInfo, resolve_data_config
 from torch import Tensor, nn
 
-from .checkpoint_meta import CheckpointMeta, check_against_tensors, model_build_kwargs
+from .checkpoint_meta import CheckpointMeta, check_against_tensors, model_build_kwargs, read_checkpoint_meta
 from .errors import CheckpointError, UnknownModelError
 from .images import display_path
-from .models import create_model, resolve_name
+from .models import create_model, guess_variant, resolve_name
 from .runtime import pick_device
-from .weights import (
-    HEAD_KEYS,
-    authors_to_timm,
-    detect_format,
-    guess_variant,
-    load_weights,
-    read_checkpoint_meta,
-)
+from .weights import HEAD_KEYS, authors_to_timm, detect_format, load_weights
 
 
 @dataclass
@@ -86,7 +79,11 @@ def load_model(
     head = native.get("head.fc.weight")
     model = create_model(name, **model_build_kwargs(meta, native))
     try:
-        load_weights(model, {k: v for k, v in native.items() if head is not None or k not in HEAD_KEYS})
+        load_weights(
+            model,
+            {k: v for k, v in native.items() if head is not None or k not in HEAD_KEYS},
+            variant_hint=guess_variant,
+        )
     except CheckpointError as e:  # it names the weights "state dict": name the file instead
         raise CheckpointError(str(e).replace("state dict", str(checkpoint), 1)) from None
     return _finish(model, resolve_name(name), meta.to_info(), device)

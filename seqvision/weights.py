@@ -21,17 +21,16 @@ import re
 import urllib.error
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .checkpoint_meta import INFO_KEYS, CheckpointMeta, check_against_tensors, parse_metadata
-from .checkpoint_meta import JSON_KEYS as _JSON_INFO
 from .errors import CheckpointError
 from .files import atomic_write
 
@@ -39,9 +38,11 @@ FORMATS = ("seqvision", "timm", "authors")
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 _PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-# What a checkpoint may record besides the weights (INFO_KEYS), so that it can be used without the training
-# config: the variant name, extra create_model() arguments, the class names and the preprocessing; checked by
-# seqvision.checkpoint_meta before use.
+# What a checkpoint may record besides the weights, so that it can be used without the training config: the
+# variant name, extra create_model() arguments, the class names and the preprocessing. Stored as read here; checked
+# by seqvision.checkpoint_meta before anything uses them.
+INFO_KEYS = ("model_name", "model_kwargs", "class_names", "data_config", "epoch")
+JSON_KEYS = ("model_kwargs", "class_names", "data_config")  # JSON text in safetensors metadata
 _log = logging.getLogger(__name__)
 
 
@@ -59,19 +60,23 @@ def _file_kind(path: Path) -> str | None:
     return None
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A checkpoint file's tensors and its recorded fields exactly as stored: not yet checked
+    (``seqvision.checkpoint_meta.read_checkpoint`` checks them); ``encoded``: safetensors metadata text."""
+
+    state_dict: dict[str, Tensor]
+    recorded: dict[str, Any]
+    encoded: bool
+
+
+def read_stored(path: str | os.PathLike) -> StoredCheckpoint:
     """Read a state dict and what the file records about it (``INFO_KEYS``) from .safetensors or .pth.
 
     Training checkpoints that wrap the weights under ``model`` / ``state_dict`` are unwrapped, and
-    ``module.`` / ``_orig_mod.`` prefixes are removed. Everything is loaded with ``weights_only=True``.
-    The recorded fields are checked (``seqvision.checkpoint_meta.parse_metadata``) before they are returned.
+    ``module.`` / ``_orig_mod.`` prefixes are removed. Everything is loaded with ``weights_only=True``, so a
+    pickle that would run code is refused.
     """
-    sd, meta = read_checkpoint_meta(path)
-    return sd, meta.to_info()
-
-
-def read_checkpoint_meta(path: str | os.PathLike) -> tuple[dict[str, Tensor], CheckpointMeta]:
-    """``read_checkpoint`` with the metadata as a typed, checked ``CheckpointMeta``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -87,8 +92,6 @@ def read_checkpoint_meta(path: str | os.PathLike) -> tuple[dict[str, Tensor], Ch
     encoded = path.suffix == ".safetensors" or kind == "safetensors"
     if encoded:
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 raw = {k: v for k, v in (f.metadata() or {}).items() if k in INFO_KEYS}
             obj: object = load_file(str(path))
@@ -104,8 +107,7 @@ def read_checkpoint_meta(path: str | os.PathLike) -> tuple[dict[str, Tensor], Ch
             raise CheckpointError(f"cannot read {path} safely with weights_only=True ({_first_line(e)})") from None
         if isinstance(obj, Mapping):
             raw = {k: obj[k] for k in INFO_KEYS if k in obj}
-    sd = unwrap_state_dict(obj, str(path))
-    return sd, parse_metadata(raw, str(path), encoded=encoded)
+    return StoredCheckpoint(unwrap_state_dict(obj, str(path)), raw, encoded)
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
@@ -188,20 +190,25 @@ def convert_state_dict(sd: Mapping[str, Tensor], to: str) -> dict[str, Tensor]:
 
 
 # -- loading into a model ----------------------------------------------------------------------------
-def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Tensor], strict: bool = True) -> dict:
+def load_weights(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Tensor],
+    strict: bool = True,
+    variant_hint: Callable[[Mapping[str, Tensor]], str | None] | None = None,
+) -> dict:
     """Load a checkpoint of any supported format into a seqvision model.
 
     A classifier of another size is skipped and the model keeps its fresh head (with a warning), as
     timm does for ``num_classes`` != the checkpoint's. A stem made for another number of input channels is
     adapted to the model's ``in_chans`` (``adapt_input_channels``, one log line), as timm does too. Anything else
     that does not fit raises a ``CheckpointError`` naming the missing / unexpected keys and shape mismatches.
-    Returns ``{"format", "head_reset", "missing", "unexpected"}``.
+    ``variant_hint(sd)`` names the variant a state dict that does not fit would fit, for that error message
+    (``seqvision.models.guess_variant``). Returns ``{"format", "head_reset", "missing", "unexpected"}``.
     """
     if isinstance(source, Mapping):
         sd, name = unwrap_state_dict(source), "state dict"
     else:
-        sd, _ = read_checkpoint(source)
-        name = str(source)
+        sd, name = read_stored(source).state_dict, str(source)
     fmt = detect_format(sd)
     sd = authors_to_timm(sd) if fmt == "authors" else sd
     own = model.state_dict()
@@ -224,7 +231,8 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Tens
     unexpected = [k for k in sd if k not in own]
     shapes = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     if strict and (missing or unexpected or shapes):
-        raise CheckpointError(_mismatch_message(model, name, sd, own, missing, unexpected, shapes))
+        guess = variant_hint(sd) if variant_hint is not None else None
+        raise CheckpointError(_mismatch_message(model, name, sd, own, missing, unexpected, shapes, guess))
     model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in shapes}, strict=False)
     return {"format": fmt, "head_reset": head_reset, "missing": missing, "unexpected": unexpected}
 
@@ -262,7 +270,7 @@ def _adapt_first_conv(model: nn.Module, sd: dict[str, Tensor], own: Mapping[str,
     return {**sd, key: adapt_input_channels(theirs, in_chans)}
 
 
-def _mismatch_message(model, name, sd, own, missing, unexpected, shapes) -> str:
+def _mismatch_message(model, name, sd, own, missing, unexpected, shapes, guess: str | None) -> str:
     variant = getattr(model, "variant", type(model).__name__)
     parts = []
     if missing:
@@ -273,46 +281,12 @@ def _mismatch_message(model, name, sd, own, missing, unexpected, shapes) -> str:
         k = shapes[0]
         file_shape, model_shape = tuple(sd[k].shape), tuple(own[k].shape)
         parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: file {file_shape}, model {model_shape})")
-    guess = guess_variant(sd)
     hint = f"; it looks like a {guess} checkpoint" if guess and guess != variant else ""
     return f"{name} does not fit {variant}: " + ", ".join(parts) + hint
 
 
-def guess_variant(sd: Mapping[str, Tensor]) -> str | None:
-    """The registered variant whose parameter names and shapes (head aside) match ``sd``, if any."""
-    from .models.sequencer import VARIANTS, Sequencer
-
-    if detect_format(sd) == "authors":
-        sd = authors_to_timm(sd)
-    want = {k: tuple(v.shape) for k, v in sd.items() if k not in HEAD_KEYS}
-    in_chans = sd["stem.proj.weight"].shape[1] if "stem.proj.weight" in sd else 3
-    blocks = {m.group(1, 2) for k in want if (m := re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.", k))}
-    depths = [sum(1 for s, _ in blocks if int(s) == i) for i in range(1 + max((int(s) for s, _ in blocks), default=-1))]
-    stem = want.get("stem.proj.weight")
-    for name, cfg in VARIANTS.items():
-        if name.endswith("_392") or list(cfg["layers"]) != depths:
-            continue  # the block count and the stem rule most variants out before one is built
-        if stem is not None and (stem[0], stem[-1]) != (cfg["embed_dims"][0], cfg["patch_sizes"][0]):
-            continue
-        with torch.device("meta"):
-            candidate = Sequencer(**dict(cfg, in_chans=in_chans))
-        have = {k: tuple(v.shape) for k, v in candidate.state_dict().items() if k not in HEAD_KEYS}
-        if have == want:
-            return name
-    return None
-
-
-def load_pretrained(model: nn.Module, name: str, cache_dir: str | os.PathLike | None = None) -> dict:
-    """Load the published ImageNet-1K weights for ``name`` (downloaded once into torch's hub cache, or into
-    ``cache_dir``)."""
-    from .models.sequencer import PRETRAINED_URLS
-
-    url = PRETRAINED_URLS.get(name)
-    if not url:
-        raise CheckpointError(
-            f"no published weights for {name}; train it or pass checkpoint_path= (published: "
-            f"{', '.join(PRETRAINED_URLS)})"
-        )
+def load_from_url(model: nn.Module, url: str, cache_dir: str | os.PathLike | None = None) -> dict:
+    """Load the weights at ``url`` (downloaded once into torch's hub cache, or into ``cache_dir``) into ``model``."""
     try:
         obj = torch.hub.load_state_dict_from_url(
             url, model_dir=None if cache_dir is None else str(cache_dir), map_location="cpu", weights_only=True,
@@ -348,25 +322,10 @@ def save_weights(
     if fmt == "seqvision":
         for k, v in info.items():
             if k in INFO_KEYS:
-                meta[k] = json.dumps(v) if k in _JSON_INFO else str(v)
+                meta[k] = json.dumps(v) if k in JSON_KEYS else str(v)
     path = Path(path)
     if fmt == "seqvision" and path.suffix != ".safetensors":
         raise CheckpointError(f"the seqvision format is safetensors: name the output *.safetensors, not {path.name}")
     if path.suffix == ".safetensors":
         return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
     return atomic_write(path, lambda tmp: torch.save(sd, tmp))
-
-
-def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str = "seqvision") -> dict:
-    """Read ``src`` in any supported format and write it to ``dst`` in format ``to``."""
-    sd, meta = read_checkpoint_meta(src)
-    source_fmt = detect_format(sd)
-    # Class names, channels and preprocessing that contradict the tensors are not passed on. The variant's
-    # shapes are not compared: save_weights records no model_kwargs for a custom-size model.
-    check_against_tensors(meta, authors_to_timm(sd) if source_fmt == "authors" else sd, str(src), None)
-    info = meta.to_info()
-    if "model_name" not in info and (variant := guess_variant(sd)):
-        info["model_name"] = variant
-    info.pop("epoch", None)
-    save_weights(sd, dst, to, info=info)
-    return {"from": source_fmt, "to": to, "tensors": len(sd), "variant": info.get("model_name")}

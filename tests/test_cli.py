@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import seqvision
+from seqvision.checkpoint_meta import read_checkpoint
 from seqvision.cli import COMMANDS, get_parser, main
 from seqvision.commands.common import (
     image_size,
@@ -21,7 +22,7 @@ from seqvision.commands.common import (
     positive_int_list,
 )
 from seqvision.commands.models import models_table
-from seqvision.weights import read_checkpoint, save_weights
+from seqvision.weights import save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 

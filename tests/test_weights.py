@@ -11,16 +11,14 @@ from safetensors.torch import save_file
 from timm.models import adapt_input_conv
 
 import seqvision
+from seqvision.checkpoint_meta import convert_checkpoint, read_checkpoint
 from seqvision.errors import CheckpointError
+from seqvision.models import guess_variant, load_pretrained
 from seqvision.weights import (
     adapt_input_channels,
     authors_to_timm,
-    convert_checkpoint,
     detect_format,
-    guess_variant,
-    load_pretrained,
     load_weights,
-    read_checkpoint,
     save_weights,
     timm_to_authors,
 )

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..models import Sequencer
 from ..plots import new_figure, save_figure
 from ..runtime import autocast, rnn_grad_mode
 
@@ -41,8 +42,6 @@ def default_layers(model: nn.Module) -> list[str]:
 def _layout(model: nn.Module, name: str, module: nn.Module, out: Tensor) -> str:
     """Where the channels are in a 4-D output: seqvision runs channels-last except in its convolutions;
     for timm models a layer in ``feature_info`` is matched by its channel count, else NCHW is assumed."""
-    from ..models.sequencer import Sequencer
-
     if isinstance(model, Sequencer):
         return "NCHW" if isinstance(module, nn.Conv2d) else "NHWC"
     for d in getattr(model, "feature_info", None) or []:

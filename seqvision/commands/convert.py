@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..weights import convert_checkpoint
+from ..checkpoint_meta import convert_checkpoint
 from .common import parser
 
 

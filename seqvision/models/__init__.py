@@ -1,6 +1,14 @@
 """Sequencer networks: the model family, its registry of variants and the factory."""
 
-from .factory import create_model, feature_extractor, list_models, model_config, resolve_name
+from .factory import (
+    create_model,
+    feature_extractor,
+    guess_variant,
+    list_models,
+    load_pretrained,
+    model_config,
+    resolve_name,
+)
 from .sequencer import VARIANTS, BiLSTM1D, BiLSTM2D, Sequencer, SequencerBlock, SequencerStage
 from .timm_registry import register_timm, timm_name
 
@@ -13,7 +21,9 @@ __all__ = [
     "SequencerStage",
     "create_model",
     "feature_extractor",
+    "guess_variant",
     "list_models",
+    "load_pretrained",
     "model_config",
     "register_timm",
     "resolve_name",

@@ -5,15 +5,18 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from timm.models._features import FeatureGetterNet
 from timm.models._features_fx import FeatureGraphNet
-from torch import nn
+from torch import Tensor, nn
 
-from ..errors import UnknownModelError
-from .sequencer import ALIASES, VARIANTS, Sequencer, pretrained_cfg_for
+from ..errors import CheckpointError, UnknownModelError
+from ..weights import HEAD_KEYS, authors_to_timm, detect_format, load_from_url, load_weights
+from .sequencer import ALIASES, PRETRAINED_URLS, VARIANTS, Sequencer, pretrained_cfg_for
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -102,12 +105,10 @@ def create_model(
     model.default_cfg = model.pretrained_cfg
     model.variant = name
 
-    from ..weights import load_pretrained, load_weights
-
     if checkpoint_path is not None:
-        load_weights(model, checkpoint_path)
+        load_weights(model, checkpoint_path, variant_hint=guess_variant)
     elif pretrained and source is not None:
-        load_weights(model, source)
+        load_weights(model, source, variant_hint=guess_variant)
     elif pretrained:
         load_pretrained(model, name, cache_dir=cache_dir)
 
@@ -140,3 +141,37 @@ def feature_extractor(
     net.pretrained_cfg = {k: v for k, v in cfg.items() if k not in ("num_classes", "classifier", "global_pool")}
     net.default_cfg = net.pretrained_cfg
     return net
+
+
+def guess_variant(sd: Mapping[str, Tensor]) -> str | None:
+    """The registered variant whose parameter names and shapes (head aside) match ``sd`` (any key layout), if any."""
+    if detect_format(sd) == "authors":
+        sd = authors_to_timm(sd)
+    want = {k: tuple(v.shape) for k, v in sd.items() if k not in HEAD_KEYS}
+    in_chans = sd["stem.proj.weight"].shape[1] if "stem.proj.weight" in sd else 3
+    blocks = {m.group(1, 2) for k in want if (m := re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.", k))}
+    depths = [sum(1 for s, _ in blocks if int(s) == i) for i in range(1 + max((int(s) for s, _ in blocks), default=-1))]
+    stem = want.get("stem.proj.weight")
+    for name, cfg in VARIANTS.items():
+        if name.endswith("_392") or list(cfg["layers"]) != depths:
+            continue  # the block count and the stem rule most variants out before one is built
+        if stem is not None and (stem[0], stem[-1]) != (cfg["embed_dims"][0], cfg["patch_sizes"][0]):
+            continue
+        with torch.device("meta"):
+            candidate = Sequencer(**dict(cfg, in_chans=in_chans))
+        have = {k: tuple(v.shape) for k, v in candidate.state_dict().items() if k not in HEAD_KEYS}
+        if have == want:
+            return name
+    return None
+
+
+def load_pretrained(model: nn.Module, name: str, cache_dir: str | os.PathLike | None = None) -> dict:
+    """Load the published ImageNet-1K weights of variant ``name`` (downloaded once into torch's hub cache, or into
+    ``cache_dir``)."""
+    url = PRETRAINED_URLS.get(name)
+    if not url:
+        raise CheckpointError(
+            f"no published weights for {name}; train it or pass checkpoint_path= (published: "
+            f"{', '.join(PRETRAINED_URLS)})"
+        )
+    return load_from_url(model, url, cache_dir)

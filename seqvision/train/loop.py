@@ -33,6 +33,7 @@ from .. import ops
 from ..data import ImageDataset, PaddedShard, SeededDataset, ShardedEpochSampler, collate, open_train_val
 from ..errors import ConfigError, DivergedError, UserError
 from ..evaluate import evaluate, iterate_batches
+from ..models import guess_variant
 from ..ops import fused
 from ..runtime import amp_dtype, autocast, pick_device
 from ..weights import load_weights
@@ -160,7 +161,7 @@ class Trainer:
             raise ConfigError(f"finetune loads seqvision variants only; {cfg.model} is a timm model")
         model = parts.build_model(cfg, self.num_classes, pretrained=cfg.pretrained and not cfg.finetune and fresh)
         if cfg.finetune and fresh:
-            info = load_weights(model, cfg.finetune)
+            info = load_weights(model, cfg.finetune, variant_hint=guess_variant)
             head = "a new classifier head" if info["head_reset"] else "its classifier head"
             self.records.log(f"fine-tuning from {cfg.finetune} ({info['format']} layout, {head})")
         if not fresh:
