@@ -360,6 +360,44 @@ def test_study_reuses_its_runs_and_refuses_other_settings(tiny_study, capsys):
     assert "sequencer2d-seed0 holds a run with other settings (epochs 1, not 3)" in err and "\n" not in err
 
 
+def test_study_in_worker_processes_gives_the_same_numbers(tiny_study, capsys):
+    """--jobs 2 trains the runs two at a time in spawned processes: every run seeds itself, so each number is
+    the one the single-process study gave, and the progress lines of every run still reach the parent."""
+    root, out, _ = tiny_study
+    parallel = out.parent / "parallel"
+    capsys.readouterr()
+    argv = ["study", "resolution", "--data-dir", str(root / "tree"), "-o", str(parallel), *TINY_ARGS]
+    assert main([*argv, "--models", "sequencer2d", "resnet", "--jobs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert sorted(line.split(":")[0] for line in err.splitlines() if line.startswith("[")) == [
+        f"[{k}/4] {a} seed {seed}"
+        for k, (a, seed) in enumerate([("sequencer2d", 0), ("resnet", 0), ("sequencer2d", 1), ("resnet", 1)], 1)
+    ]
+
+    def numbers(folder: Path, name: str, keys: tuple[str, ...]) -> list[tuple[str, ...]]:
+        return [tuple(r[k] for k in keys) for r in _csv(folder / name) if r["arch"] in ("sequencer2d", "resnet")]
+
+    sweep = ("arch", "seed", "size", "top1", "top5", "loss")
+    assert numbers(parallel, "resolution.csv", sweep) == numbers(out, "resolution.csv", sweep)
+    erf = ("arch", "seed", "layer", "area_1pct", "cross_share")
+    assert numbers(parallel, "erf.csv", erf) == numbers(out, "erf.csv", erf)
+    t = json.loads((parallel / "study.json").read_text())["timings"]
+    assert t["jobs"] == 2 and t["torch_threads"] == 1 and t["process_cpu_seconds"] >= t["train_seconds"] / 2
+
+
+def test_a_failing_worker_stops_the_study_with_its_error(tiny_study, capsys):
+    root, out, _ = tiny_study
+    bad = out.parent / "bad"
+    (bad / "runs").mkdir(parents=True)
+    (bad / "runs" / "resnet-seed0").write_text("a file where the run's folder goes")  # the trainer refuses it
+    capsys.readouterr()
+    argv = ["study", "resolution", "--data-dir", str(root / "tree"), "-o", str(bad), *TINY_ARGS]
+    assert main([*argv, "--models", "resnet", "vit", "--jobs", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "resnet-seed0" in err[-1] and "Traceback" not in "\n".join(err), err
+    assert not (bad / "study.json").exists()
+
+
 # -- the command line ------------------------------------------------------------------------------------------
 def test_help_has_examples(capsys):
     for argv in (["study", "--help"], ["study", "resolution", "--help"]):
@@ -374,6 +412,7 @@ def test_help_has_examples(capsys):
     [
         (["--epochs", "0"], "argument --epochs: must be an integer of at least 1, got '0'"),
         (["--seeds", "two"], "argument --seeds: must be an integer of at least 1"),
+        (["--jobs", "0"], "argument --jobs: must be an integer of at least 1, got '0'"),
         (["--scales", "0.5", "-1"], "argument --scales: must be a number above 0"),
         (["--img-size", "8"], "--img-size must be at least 16"),
         (["--models", "sequencer2d", "mlp"], "unknown architecture 'mlp'; choose from sequencer2d, convnext"),

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..data import BUILTIN_SETS, DATASETS, LabelledImages, open_dataset
 from ..errors import StudyError
@@ -43,6 +41,7 @@ from ..train import TrainConfig, Trainer, resolve_config
 from .erf import default_layers, effective_receptive_field, erf_stats, log_maps, shared_minmax
 from .resolution import DEFAULT_SCALES, resolution_sweep, sweep_sizes
 from .study_results import centre_patch, cross_share, plot_erf_panel, plot_resolution, summarise
+from .study_runner import Progress, run_in_workers, worker_progress
 
 
 @dataclass(frozen=True)
@@ -138,6 +137,7 @@ class StudySettings:
     device: str = "auto"
     workers: int = 0
     threads: int | None = None
+    jobs: int = 1
     output: str = "results/study-resolution"
     overwrite: bool = False
 
@@ -158,7 +158,7 @@ def check_settings(s: StudySettings) -> StudySettings:
         raise StudyError(f"--dataset {s.dataset} needs --data-dir")
     if s.img_size < MIN_IMG_SIZE:
         raise StudyError(f"--img-size must be at least {MIN_IMG_SIZE} (so that 0.5x leaves 8 px), got {s.img_size}")
-    for name, value in (("epochs", s.epochs), ("seeds", s.seeds), ("batch_size", s.batch_size)):
+    for name, value in (("epochs", s.epochs), ("seeds", s.seeds), ("batch_size", s.batch_size), ("jobs", s.jobs)):
         if value < 1:
             raise StudyError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if not s.scales or any(not (x > 0 and math.isfinite(x)) for x in s.scales):
@@ -200,31 +200,6 @@ def sweep_data(s: StudySettings) -> LabelledImages:
 
 
 # -- the study ------------------------------------------------------------------------------------------
-class Progress:
-    """One bar over the whole study on a terminal (tqdm), one line per finished step otherwise."""
-
-    def __init__(self, total: int, enabled: bool | None = None, stream: Any = None):
-        self.stream = stream or sys.stderr
-        self.bar = None
-        if enabled if enabled is not None else self.stream.isatty():
-            self.bar = tqdm(total=total, file=self.stream, unit="step", dynamic_ncols=True)
-
-    def step(self, desc: str, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.set_description_str(desc)
-            self.bar.update(n)
-
-    def note(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line, file=self.stream)
-        else:
-            print(line, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 @contextlib.contextmanager
 def captured(log: Any) -> Iterator[None]:
     """The trainer's and the sweep's own output goes to the study's log file, not over the progress bar."""
@@ -278,6 +253,11 @@ def erf_of(
     loader = eval_loader(data.subsample(images), eval_transform(loaded.data_config), batch_size=32)
     batches = (x for x, _y, _p in loader if x is not None)
     return effective_receptive_field(loaded.model, batches, default_layers(loaded.model), device=device)
+
+
+def threads_per_job(s: StudySettings, runs: int) -> int:
+    """Torch threads in each worker: ``s.threads``, else the process's threads shared out over the jobs."""
+    return s.threads or max(1, torch.get_num_threads() // min(s.jobs, runs))
 
 
 def one_run(
@@ -376,7 +356,8 @@ def cpu_name() -> str:
 
 def run_study(s: StudySettings, progress: bool | None = None) -> dict[str, Any]:
     """Train every architecture for every seed, sweep the test size, take the ERFs and write all artefacts
-    to ``s.output``; returns what ``study.json`` holds."""
+    to ``s.output``; returns what ``study.json`` holds. With ``s.jobs`` above 1 the runs are shared out to
+    that many worker processes (each with ``s.threads``, else an equal share of torch's threads)."""
 
     s = check_settings(s)
     threads = torch.get_num_threads()
@@ -386,6 +367,13 @@ def run_study(s: StudySettings, progress: bool | None = None) -> dict[str, Any]:
         return _run_study(s, progress)
     finally:
         torch.set_num_threads(threads)
+
+
+def _worker_run(arch_key: str, seed: int, s: StudySettings, sizes: list[int], tag: str, reuse: bool) -> dict[str, Any]:
+    """``one_run`` in a worker process (``study_runner.run_in_workers``)."""
+    out = Path(s.output)
+    with open(out / "study.log", "a") as log:
+        return one_run(ARCHITECTURES[arch_key], seed, s, sweep_data(s), sizes, out, worker_progress(), log, tag, reuse)
 
 
 def _run_study(s: StudySettings, progress: bool | None) -> dict[str, Any]:
@@ -407,24 +395,34 @@ def _run_study(s: StudySettings, progress: bool | None) -> dict[str, Any]:
         f"{s.img_size} px on {data.source if s.dataset != 'folder' else s.data_dir}; tested at {sizes} px "
         f"on {len(data)} images; log: {out / 'study.log'}"
     )
+    tags = [f"[{k}/{len(runs)}] {a.key} seed {seed}" for k, (a, seed) in enumerate(runs, 1)]
+    workers_cpu = 0.0
+    try:
+        if s.jobs > 1:
+            calls = [
+                (a.key, seed, s, sizes, tag, reuse[(a.key, seed)]) for (a, seed), tag in zip(runs, tags, strict=True)
+            ]
+            records, workers_cpu = run_in_workers(_worker_run, calls, s.jobs, threads_per_job(s, len(runs)), bar)
+        else:
+            with open(out / "study.log", "a") as log:
+                records = [
+                    one_run(a, seed, s, data, sizes, out, bar, log, tag, reuse[(a.key, seed)])
+                    for (a, seed), tag in zip(runs, tags, strict=True)
+                ]
+    finally:
+        bar.close()
     rows: list[dict[str, Any]] = []
     runs_done: list[dict[str, Any]] = []
     erf_rows: list[dict[str, Any]] = []
     panels: list[Path] = []
-    try:
-        with open(out / "study.log", "a") as log:
-            for k, (arch, seed) in enumerate(runs, 1):
-                tag = f"[{k}/{len(runs)}] {arch.key} seed {seed}"
-                done = one_run(arch, seed, s, data, sizes, out, bar, log, tag, reuse[(arch.key, seed)])
-                rows += done.pop("rows")
-                erf_rows += done.pop("erf_rows")
-                if seed == 0:
-                    title = f"{arch.label}: ERF per stage at {s.img_size} px (seed 0, {s.erf_images} images)"
-                    panels.append(plot_erf_panel(done.pop("erf_maps"), out / f"erf_{arch.key}.png", title))
-                done.pop("erf_maps", None)
-                runs_done.append(done)
-    finally:
-        bar.close()
+    for (arch, seed), done in zip(runs, records, strict=True):
+        rows += done.pop("rows")
+        erf_rows += done.pop("erf_rows")
+        erf_maps = done.pop("erf_maps")
+        if seed == 0:
+            title = f"{arch.label}: ERF per stage at {s.img_size} px (seed 0, {s.erf_images} images)"
+            panels.append(plot_erf_panel(erf_maps, out / f"erf_{arch.key}.png", title))
+        runs_done.append(done)
 
     summary_rows = summarise(rows, s.img_size)
     params = {a.key: next(t["params"] for t in runs_done if t["arch"] == a.key) for a in archs}
@@ -451,12 +449,13 @@ def _run_study(s: StudySettings, progress: bool | None) -> dict[str, Any]:
         rows=rows,
         timings=dict(
             wall_seconds=wall,
-            # CPU time of this process (all its threads): on a shared machine, wall time overstates the work
-            process_cpu_seconds=time.process_time() - cpu_start,
+            # CPU time of this process and its workers: on a shared machine, wall time overstates the work
+            process_cpu_seconds=time.process_time() - cpu_start + workers_cpu,
             reused_runs=sum(r["reused"] for r in runs_done),  # their train_seconds are from when they ran
             **{f"{k}_seconds": sum(r[f"{k}_seconds"] for r in runs_done) for k in ("train", "sweep", "erf")},
             cpu=cpu_name(),
-            torch_threads=torch.get_num_threads(),
+            torch_threads=threads_per_job(s, len(runs)) if s.jobs > 1 else torch.get_num_threads(),
+            jobs=s.jobs,
             torch=torch.__version__,
             python=platform.python_version(),
         ),

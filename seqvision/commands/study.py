@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         help="CPU threads for torch (default: torch's choice; 1 is much faster when other jobs share the cores)",
     )
+    r.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=d.jobs,
+        help=f"training runs at a time, each in its own process (default {d.jobs}); with N, each process gets "
+        "--threads, else an Nth of torch's threads. Each run seeds itself: the numbers do not change with N",
+    )
     r.add_argument("-o", "--output", default=d.output, help=f"output folder (default {d.output})")
     r.add_argument("--overwrite", action="store_true", help="train again instead of reusing runs in --output/runs")
     return p
@@ -136,6 +143,7 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
         device=args.device,
         workers=args.workers,
         threads=args.threads,
+        jobs=args.jobs,
         output=args.output,
         overwrite=args.overwrite,
     )
@@ -148,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"\n{t['wall_seconds']:.0f} s in all ({t['train_seconds']:.0f} s training, {t['sweep_seconds']:.0f} s sweeps, "
         f"{t['erf_seconds']:.0f} s ERFs; {t['process_cpu_seconds']:.0f} s of CPU time) on {t['cpu']}, "
-        f"{t['torch_threads']} thread(s)"
+        f"{t['jobs']} job(s) of {t['torch_threads']} thread(s)"
     )
     print("wrote " + ", ".join(result["files"]))
     return 0
