@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"seqvision {command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"seqvision {command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # a bug, not the user's input: one line, the trace on request
         if debug:
             raise

@@ -669,3 +669,15 @@ def test_internal_error_is_one_line_and_debug_shows_the_trace(monkeypatch, capsy
     monkeypatch.setenv("SEQVISION_DEBUG", "1")
     with pytest.raises(RuntimeError):
         main(["models"])
+
+
+def test_ctrl_c_in_any_command_is_one_line(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("seqvision.commands.models.models_table", interrupted)
+    monkeypatch.delenv("SEQVISION_DEBUG", raising=False)
+    assert main(["models"]) == 130
+    _one_line_error(capsys.readouterr().err, "seqvision models: interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        main(["models", "--debug"])

@@ -10,18 +10,23 @@ import gzip
 import importlib.util
 import json
 import math
+import os
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_helpers import make_tree
+from train_helpers import make_tree, subprocess_env
 
 from seqvision.analysis import study
-from seqvision.analysis.study import ARCHITECTURES, StudySettings, check_settings, study_sizes
+from seqvision.analysis.study import ARCHITECTURES, StudySettings, check_settings, default_jobs, study_sizes
 from seqvision.analysis.study_results import centre_patch, cross_share, summarise
 from seqvision.cli import main
 from seqvision.commands.study import results_table
@@ -228,6 +233,15 @@ def test_summarise_means_spread_and_drop():
     assert out[("b", 32)]["top1_sd"] == 0.0
 
 
+def test_default_jobs_two_on_a_cpu_one_with_one_thread(monkeypatch):
+    assert default_jobs(StudySettings(device="cpu", threads=4)) == 2
+    assert default_jobs(StudySettings(device="cpu", threads=1)) == 1
+    assert check_settings(StudySettings(device="cpu", threads=3)).jobs == 2
+    assert check_settings(StudySettings(device="cpu", jobs=5)).jobs == 5
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert default_jobs(StudySettings(device="cpu")) == 1
+
+
 def test_study_sizes_include_the_training_size():
     assert study_sizes(StudySettings(img_size=32)) == [16, 24, 32, 40, 48, 56, 64]
     assert study_sizes(StudySettings(img_size=32, scales=[0.5, 2.0])) == [16, 32, 64]
@@ -396,6 +410,54 @@ def test_a_failing_worker_stops_the_study_with_its_error(tiny_study, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "resnet-seed0" in err[-1] and "Traceback" not in "\n".join(err), err
     assert not (bad / "study.json").exists()
+
+
+def test_ctrl_c_stops_every_worker_in_one_line_and_the_same_command_resumes(tiny_study):
+    root, out, _ = tiny_study
+    folder = out.parent / "interrupted"
+    argv = [sys.executable, "-m", "seqvision", "study", "resolution", "--data-dir", str(root / "tree")]
+    argv += [
+        "-o",
+        str(folder),
+        *TINY_ARGS,
+        "--models",
+        "resnet",
+        "vit",
+        "--seeds",
+        "1",
+        "--epochs",
+        "12",
+        "--jobs",
+        "2",
+    ]
+    proc = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    checkpoints = [folder / "runs" / f"{a}-seed0" / "last.pth" for a in ("resnet", "vit")]
+    deadline = time.time() + 180
+    while not all(c.exists() for c in checkpoints) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        f"seqvision study: interrupted; the runs in {folder}/runs are kept, and the same command resumes them"
+    )
+    assert "Traceback" not in err
+    for _ in range(50):  # every worker has gone with the parent
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("worker processes outlived the interrupted study")
+
+    again = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    runs = json.loads((folder / "study.json").read_text())["runs"]
+    assert [(r["arch"], r["reused"]) for r in runs] == [("resnet", True), ("vit", True)]
+    for c in checkpoints:
+        assert torch.load(c, map_location="cpu", weights_only=True)["epoch"] == 12
 
 
 # -- the command line ------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from ..errors import StudyError
 from ..evaluate import eval_loader, eval_transform
 from ..files import write_csv, write_json
 from ..inference import LoadedModel
+from ..runtime import pick_device
 from ..train import TrainConfig, Trainer, resolve_config
 from .erf import default_layers, effective_receptive_field, erf_stats, log_maps, shared_minmax
 from .resolution import DEFAULT_SCALES, resolution_sweep, sweep_sizes
@@ -137,9 +138,15 @@ class StudySettings:
     device: str = "auto"
     workers: int = 0
     threads: int | None = None
-    jobs: int = 1
+    jobs: int | None = None  # None: default_jobs()
     output: str = "results/study-resolution"
     overwrite: bool = False
+
+
+def default_jobs(s: StudySettings) -> int:
+    """Runs at a time when ``--jobs`` is not given: 2 on a CPU with two or more threads (so small a model keeps
+    one thread busy, not two), else 1 (a GPU, or one thread)."""
+    return 1 if pick_device(s.device).type != "cpu" else min(2, s.threads or torch.get_num_threads())
 
 
 def check_settings(s: StudySettings) -> StudySettings:
@@ -158,6 +165,8 @@ def check_settings(s: StudySettings) -> StudySettings:
         raise StudyError(f"--dataset {s.dataset} needs --data-dir")
     if s.img_size < MIN_IMG_SIZE:
         raise StudyError(f"--img-size must be at least {MIN_IMG_SIZE} (so that 0.5x leaves 8 px), got {s.img_size}")
+    if s.jobs is None:
+        s.jobs = default_jobs(s)
     for name, value in (("epochs", s.epochs), ("seeds", s.seeds), ("batch_size", s.batch_size), ("jobs", s.jobs)):
         if value < 1:
             raise StudyError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

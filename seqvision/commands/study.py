@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -111,14 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--threads",
         type=positive_int,
-        help="CPU threads for torch (default: torch's choice; 1 is much faster when other jobs share the cores)",
+        help="CPU threads for torch in each run's process (default: torch's, shared out over --jobs; 1 is much "
+        "faster when other jobs share the cores)",
     )
     r.add_argument(
         "--jobs",
         type=positive_int,
-        default=d.jobs,
-        help=f"training runs at a time, each in its own process (default {d.jobs}); with N, each process gets "
-        "--threads, else an Nth of torch's threads. Each run seeds itself: the numbers do not change with N",
+        help="training runs at a time, each in its own process with --threads (else an equal share of torch's "
+        "threads); default 2 on a CPU with 2+ threads (1 with --threads 1), 1 on a GPU. Every run seeds itself: "
+        "its numbers depend on its thread count, not on which process ran it",
     )
     r.add_argument("-o", "--output", default=d.output, help=f"output folder (default {d.output})")
     r.add_argument("--overwrite", action="store_true", help="train again instead of reusing runs in --output/runs")
@@ -150,7 +152,16 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_study(settings_from_args(args))
+    settings = settings_from_args(args)
+    try:
+        result = run_study(settings)
+    except KeyboardInterrupt:
+        print(
+            f"seqvision study: interrupted; the runs in {settings.output}/runs are kept, and the same command "
+            "resumes them",
+            file=sys.stderr,
+        )
+        return 130
     print(results_table(result))
     t = result["timings"]
     print(
