@@ -290,7 +290,6 @@ DATA_CONFIG: dict[str, Check] = {
 
 
 def _is_variant(name: str) -> bool:
-
     try:
         resolve_name(name)
     except UnknownModelError:
@@ -299,7 +298,6 @@ def _is_variant(name: str) -> bool:
 
 
 def _model_name(v: Any) -> str:
-
     if not isinstance(v, str) or not v or len(v) > _MAX_CHARS["model_name"]:
         raise _Bad("model_name", f"must be a variant name, got {_short(v)}")
     if not _is_variant(v) and not timm.is_model(v):
@@ -420,14 +418,12 @@ def _check_shapes(meta: CheckpointMeta, sd: Mapping[str, Any], name: str) -> Non
 
 
 def _shapes(name: str, kwargs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = create_model(name, **kwargs)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _variant_that_fits(kwargs: Mapping[str, Any], have: Mapping[str, tuple], exclude: str) -> str | None:
-
     for variant in VARIANTS:  # registered order: the base variants first
         if variant == exclude:
             continue
