@@ -412,6 +412,10 @@ def test_a_failing_worker_stops_the_study_with_its_error(tiny_study, capsys):
     assert not (bad / "study.json").exists()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_every_worker_in_one_line_and_the_same_command_resumes(tiny_study):
     root, out, _ = tiny_study
     folder = out.parent / "interrupted"
@@ -430,13 +434,15 @@ def test_ctrl_c_stops_every_worker_in_one_line_and_the_same_command_resumes(tiny
         "--jobs",
         "2",
     ]
+    # A terminal's Ctrl-C: SIGINT to the whole process group. A shell starts background jobs with SIGINT ignored
+    # and the child would inherit that, so it gets the default disposition back first.
     proc = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, preexec_fn=_default_sigint)  # fmt: skip
     checkpoints = [folder / "runs" / f"{a}-seed0" / "last.pth" for a in ("resnet", "vit")]
     deadline = time.time() + 180
     while not all(c.exists() for c in checkpoints) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == (
