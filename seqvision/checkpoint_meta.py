@@ -452,7 +452,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str =
     sd, meta = read_checkpoint_meta(src)
     source_fmt = detect_format(sd)
     # Class names, channels and preprocessing that contradict the tensors are not passed on. The variant's
-    # shapes are not compared: save_weights records no model_kwargs for a custom-size model.
+    # shapes are not compared: a file may name its variant without the model_kwargs it was built with.
     check_against_tensors(meta, authors_to_timm(sd) if source_fmt == "authors" else sd, str(src), None)
     info = meta.to_info()
     if "model_name" not in info and (variant := guess_variant(sd)):

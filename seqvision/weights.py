@@ -311,13 +311,16 @@ def save_weights(
     """Write weights in ``fmt``: safetensors when ``path`` ends in .safetensors, else a torch .pth.
 
     The seqvision format is always safetensors; it records ``info`` (``INFO_KEYS``: the variant name,
-    extra model arguments, class names, preprocessing) in the metadata so the file stands on its own.
+    extra model arguments, class names, preprocessing) in the metadata so the file stands on its own. Saved from
+    a model, the variant and the arguments it was built with are recorded unless ``info`` gives them.
     """
     sd = state.state_dict() if isinstance(state, nn.Module) else dict(state)
     sd = {k: v.detach().cpu().contiguous() for k, v in convert_state_dict(sd, fmt).items()}
     info = dict(info or {})
     if isinstance(state, nn.Module) and hasattr(state, "variant"):
         info.setdefault("model_name", state.variant)
+        if getattr(state, "model_kwargs", None):
+            info.setdefault("model_kwargs", dict(state.model_kwargs))
     meta = {"format": "pt", "layout": "authors" if fmt == "authors" else "timm"}
     if fmt == "seqvision":
         for k, v in info.items():

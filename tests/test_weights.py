@@ -266,3 +266,22 @@ def _offline(*args, **kwargs):
     import urllib.error
 
     raise urllib.error.URLError("no network in tests")
+
+
+def test_seqvision_file_of_a_custom_model_rebuilds_that_model(tmp_path):
+    """A model built with other arguments than its variant's (fewer blocks, narrower, GRU cells) saved as a
+    seqvision file: loading the file alone gives back the same model, logits and all."""
+    from seqvision.inference import load_model
+
+    custom = dict(layers=[1, 1, 1, 1], embed_dims=[32, 64, 64, 64], hidden_sizes=[8, 16, 16, 16], cell="gru")
+    model = seqvision.create_model("sequencer2d_s", num_classes=3, **custom).eval()
+    randomise(model)
+    path = save_weights(model, tmp_path / "custom.safetensors")
+    assert read_checkpoint(path)[1]["model_kwargs"] == custom
+    loaded = load_model(path, device="cpu")
+    assert isinstance(loaded.model.stages[0].blocks[0].rnn_tokens.rnn_v, torch.nn.GRU)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
+    plain = save_weights(seqvision.create_model("sequencer2d_s", num_classes=3), tmp_path / "p.safetensors")
+    assert "model_kwargs" not in read_checkpoint(plain)[1]  # a stock variant needs no arguments

@@ -104,6 +104,9 @@ def create_model(
     model.pretrained_cfg.update(overlay)
     model.default_cfg = model.pretrained_cfg
     model.variant = name
+    # What makes this model differ from the registered variant: a seqvision file saved from it records these
+    # (weights.save_weights), so that loading the file rebuilds this model, not the stock variant.
+    model.model_kwargs = dict(kwargs)
 
     if checkpoint_path is not None:
         load_weights(model, checkpoint_path, variant_hint=guess_variant)
